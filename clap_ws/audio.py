@@ -1,0 +1,131 @@
+"""Raw PCM bytes to the 10-second 48 kHz windows CLAP takes.
+
+The pipeline is pure numpy (plus soxr) and runs once per request:
+
+    decode_pcm -> downmix -> resample (soxr HQ) -> optional peak normalise
+    -> windows (int16 quantisation, repeat-padding or 10-s windows)
+
+Everything a client can get wrong about audio is caught here and raised as
+:class:`~clap_ws.errors.AudioError` with a code and a message that says what
+was wrong, before any work is queued.
+
+Windowing follows laion-clap for clips up to 10 s (quantise to int16 and
+back, repeat the clip to fill 10 s, zero-pad the rest) so embeddings match
+``CLAP_Module.get_audio_embedding_from_data``. For longer clips laion-clap
+crops at random; here the choice is deterministic (``long_clip``):
+
+* ``mean`` (default) - consecutive 10-s windows covering the whole clip, the
+  last one aligned to the clip's end; the caller averages their raw outputs;
+* ``head`` - the first 10 s;
+* ``center`` - the middle 10 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from .errors import AudioError
+
+MODEL_RATE = 48_000
+WINDOW = 480_000  # 10 s at 48 kHz
+MIN_RATE, MAX_RATE = 8_000, 192_000
+LONG_CLIP_MODES = ("mean", "head", "center")
+NORMALIZE_MODES = ("none", "peak")
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """How to read one buffer: its rate, channel count and treatment."""
+
+    sample_rate: float = MODEL_RATE
+    channels: int = 1
+    normalize: str = "none"
+    long_clip: str = "mean"
+
+
+def decode_pcm(data: bytes | bytearray | memoryview, channels: int = 1) -> np.ndarray:
+    """Interleaved little-endian float32 bytes -> (frames, channels) array, no copy."""
+    size = len(data)
+    if size == 0:
+        raise AudioError("the audio buffer is empty")
+    frame_bytes = 4 * channels
+    if size % frame_bytes:
+        raise AudioError(
+            f"the audio buffer has {size} bytes, not a multiple of {frame_bytes} "
+            f"(4-byte float32 samples x {channels} channel{'s' if channels > 1 else ''})"
+        )
+    return np.frombuffer(data, dtype="<f4").reshape(-1, channels)
+
+
+def to_mono(frames: np.ndarray) -> np.ndarray:
+    """Average interleaved channels; a mono buffer passes through as a view."""
+    if frames.shape[1] == 1:
+        return frames[:, 0]
+    return frames.mean(axis=1, dtype=np.float32)
+
+
+def check_rate(sample_rate: float) -> None:
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise AudioError(
+            f"sample_rate {sample_rate:g} is out of range ({MIN_RATE}-{MAX_RATE} Hz)",
+            code="bad_sample_rate",
+        )
+
+
+def load(data: bytes | bytearray | memoryview, spec: AudioSpec, max_seconds: float) -> np.ndarray:
+    """Decode, validate and resample one buffer to 48 kHz mono float32."""
+    check_rate(spec.sample_rate)
+    frames = decode_pcm(data, spec.channels)
+    seconds = len(frames) / spec.sample_rate
+    if seconds > max_seconds:
+        raise AudioError(
+            f"the audio is {seconds:.2f} s long; this server takes at most {max_seconds:g} s per clip",
+            code="too_long",
+        )
+    if not np.isfinite(frames.sum(dtype=np.float64)):  # float64 cannot overflow here
+        raise AudioError("the audio contains NaN or infinite samples")
+    mono = to_mono(frames)
+    if spec.sample_rate != MODEL_RATE:
+        mono = soxr.resample(mono, spec.sample_rate, MODEL_RATE, quality="HQ")
+    if spec.normalize == "peak":
+        peak = float(np.abs(mono).max())
+        if peak > 0:
+            mono = mono / np.float32(peak)
+    return mono
+
+
+def quantize(clip: np.ndarray) -> np.ndarray:
+    """laion-clap's int16 round trip: clip to [-1, 1], scale, truncate, scale back."""
+    q = (np.clip(clip, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return (q / 32767.0).astype(np.float32)
+
+
+def repeat_pad(clip: np.ndarray, length: int = WINDOW) -> np.ndarray:
+    """laion-clap's ``repeatpad``: whole repeats of the clip, then zeros."""
+    out = np.zeros(length, dtype=np.float32)
+    repeats = length // len(clip)
+    out[: repeats * len(clip)] = np.tile(clip, repeats)
+    return out
+
+
+def window_starts(n: int, mode: str = "mean", length: int = WINDOW) -> list[int]:
+    """Start offsets of the windows taken from a clip of ``n`` > ``length`` samples."""
+    if mode == "head":
+        return [0]
+    if mode == "center":
+        return [(n - length) // 2]
+    starts = list(range(0, n - length + 1, length))
+    if starts[-1] + length < n:
+        starts.append(n - length)  # end-aligned last window: no padding, no sample left out
+    return starts
+
+
+def windows(clip: np.ndarray, mode: str = "mean") -> np.ndarray:
+    """(k, 480000) float32 model input for one 48 kHz clip."""
+    clip = quantize(clip)
+    if len(clip) <= WINDOW:
+        return repeat_pad(clip)[None]
+    return np.stack([clip[s : s + WINDOW] for s in window_starts(len(clip), mode)])

@@ -1,0 +1,93 @@
+"""Jobs for the model and the batch handler that runs them.
+
+A job is what one request asks of the model: one or more audio clips (already
+cut into 10-s windows by :mod:`clap_ws.audio`), or some texts.
+:class:`Inference` is the handler the batcher calls with a list of jobs: it
+runs every window of every audio job through the model in chunks of at most
+``max_windows``, averages the raw outputs of each clip's windows, and
+L2-normalises. The Python API (:class:`clap_ws.CLAPExtractor`) calls the same
+handler directly, so the server and the API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .model import ClapModel
+
+
+@dataclass
+class AudioJob:
+    """Clips of one request; each entry is a (k, 480000) window array."""
+
+    clips: list[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TextJob:
+    texts: list[str]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Result:
+    """Unit-norm embeddings (one row per clip or text) and where the time went."""
+
+    embeddings: np.ndarray
+    queue_ms: float
+    model_ms: float
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+class Inference:
+    """Batch handler: ``list[AudioJob | TextJob] -> list[Result | Exception]``."""
+
+    def __init__(self, model: ClapModel, max_windows: int = 32):
+        self.model = model
+        self.max_windows = max_windows
+
+    def __call__(self, jobs: list[AudioJob | TextJob]) -> list[Result | Exception]:
+        started = time.perf_counter()
+        results: list[Result | Exception | None] = [None] * len(jobs)
+        audio = [i for i, job in enumerate(jobs) if isinstance(job, AudioJob)]
+        if audio:
+            vectors = self._embed_audio([jobs[i] for i in audio])
+            model_ms = (time.perf_counter() - started) * 1000
+            for i, emb in zip(audio, vectors):
+                results[i] = Result(emb, (started - jobs[i].enqueued) * 1000, model_ms)
+        for i, job in enumerate(jobs):
+            if isinstance(job, TextJob):
+                t0 = time.perf_counter()
+                try:
+                    emb = self.model.embed_text(job.texts)
+                except Exception as exc:  # e.g. no tokenizer: this job only
+                    results[i] = exc
+                    continue
+                results[i] = Result(emb, (started - job.enqueued) * 1000,
+                                    (time.perf_counter() - t0) * 1000)
+        return results
+
+    def _embed_audio(self, jobs: list[AudioJob]) -> list[np.ndarray]:
+        clips = [clip for job in jobs for clip in job.clips]
+        counts = [len(clip) for clip in clips]
+        all_windows = clips[0] if len(clips) == 1 else np.concatenate(clips)
+        raw = np.concatenate([
+            self.model.embed_windows(all_windows[i : i + self.max_windows])
+            for i in range(0, len(all_windows), self.max_windows)
+        ])
+        # mean of each clip's raw window outputs, then unit length
+        bounds = np.cumsum([0] + counts)
+        per_clip = l2_normalize(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
+        out, start = [], 0
+        for job in jobs:
+            out.append(per_clip[start : start + len(job.clips)])
+            start += len(job.clips)
+        return out

@@ -1,0 +1,281 @@
+"""The WebSocket server: connections in, batched model calls, replies out.
+
+:class:`ClapServer` is given a ready :class:`~clap_ws.model.ClapModel`; it
+builds nothing itself, so tests and benchmarks construct exactly the model
+they need. Per message the flow is one way:
+
+    frame -> protocol.parse_* -> audio.load/windows -> batcher.submit
+          -> (worker thread: inference) -> protocol.*_reply -> frame
+
+Each connection has a reader and a writer. The reader validates a message,
+prepares its audio and queues the work at once (so a full queue answers
+``busy`` immediately), then puts the pending reply on the connection's own
+bounded FIFO; the writer sends replies strictly in the order requests
+arrived. So replies to binary frames (which carry no id) come back in order,
+a slow reader stops being read from instead of making the server buffer
+without bound, and a client that goes away has its queued work cancelled
+before it reaches the model.
+
+``GET /health`` on the same port answers 200 while the inference worker is
+alive and 503 when it is not (or while draining). SIGINT/SIGTERM (see
+:func:`run`) stop accepting, finish in-flight work, close connections with
+1001 and return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Response
+
+from . import __version__
+from .audio import load, windows
+from .batching import MicroBatcher
+from .errors import ClapError, ShuttingDown
+from .inference import AudioJob, Inference
+from .model import ClapModel
+from .protocol import (ConnectionDefaults, EmbedRequest, InfoRequest, embedding_reply, error_reply,
+                       info_reply, parse_binary, parse_query, parse_text)
+
+_log = logging.getLogger(__name__)
+PATHS = ("/", "/clap")
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every server option; the CLI maps its flags onto these one to one."""
+
+    host: str = "127.0.0.1"
+    port: int = 32051
+    sample_rate: float = 48_000  # for binary frames without ?sample_rate=
+    max_seconds: float = 60.0
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+    max_items: int = 256  # buffers per embed_batch request
+    max_frame_mb: float = 128.0
+    max_pipeline: int = 64  # unanswered requests per connection before reading pauses
+    max_connections: int = 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
+
+
+def _ready(payload: bytes, text: bool = True) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result((payload, text))
+    return future
+
+
+class ClapServer:
+    """Serve one resident model over WebSocket. Use ``async with`` or start/shutdown."""
+
+    def __init__(self, model: ClapModel, config: ServerConfig = ServerConfig()):
+        self.model = model
+        self.config = config
+        self.batcher = MicroBatcher(
+            Inference(model, max_windows=config.max_batch),
+            max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
+        )
+        self.started = time.time()
+        self._server: Server | None = None
+        self._pending: dict[ServerConnection, asyncio.Queue] = {}
+        self._draining = False
+        self._watchdog: asyncio.Task | None = None
+
+    # ---- life cycle ---------------------------------------------------------
+    async def start(self) -> "ClapServer":
+        self.batcher.start()
+        self._server = await serve(
+            self._connection, self.config.host, self.config.port,
+            process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
+            max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
+            ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
+        )
+        self._watchdog = asyncio.create_task(self._watch_worker())
+        model = self.model.describe()
+        _log.info("clap-ws %s listening on ws://%s:%d/clap", __version__, self.config.host, self.port)
+        _log.info("model: %s | %s | device %s | precision %s | text %s", model["model"],
+                  model["architecture"], model["device"], model["precision"], model["tokenizer"])
+        if self.model.identity.untrained:
+            _log.warning('model: "untrained" - RANDOM WEIGHTS (seed %s): embeddings are meaningless; '
+                         "for tests and latency work only", self.model.identity.seed)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, close connections, stop the worker."""
+        if self._draining or self._server is None:
+            return
+        self._draining = True
+        self._server.close(close_connections=False)
+        waits = [q.join() for q in self._pending.values()]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), self.config.shutdown_timeout)
+            except asyncio.TimeoutError:
+                _log.warning("shutdown: in-flight requests did not finish in %.0f s", self.config.shutdown_timeout)
+        for connection in list(self._pending):
+            await connection.close(1001, "server shutting down")
+        await self._server.wait_closed()
+        if self._watchdog:
+            self._watchdog.cancel()
+        await asyncio.to_thread(self.batcher.stop, 10)
+        _log.info("clap-ws stopped: %d batches, %d items served", self.batcher.batches, self.batcher.items)
+
+    async def __aenter__(self) -> "ClapServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.shutdown()
+
+    async def _watch_worker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.batcher.alive and not self._draining:
+                _log.error("inference worker died; restarting it")
+                self.batcher.start()
+
+    # ---- introspection --------------------------------------------------------
+    def info(self) -> dict:
+        return {
+            **self.model.describe(),
+            "version": __version__,
+            "sample_rate": self.config.sample_rate,
+            "queue_depth": self.batcher.depth,
+            "batches": self.batcher.batches,
+            "items": self.batcher.items,
+            "dropped": self.batcher.dropped,
+            "connections": len(self._pending),
+            "uptime_s": round(time.time() - self.started, 3),
+            "config": asdict(self.config),
+        }
+
+    def _http(self, connection: ServerConnection, request):
+        """``GET /health``; anything else goes on to the WebSocket handshake."""
+        if urlsplit(request.path).path != "/health":
+            return None
+        alive = self.batcher.alive and not self._draining
+        body = {"status": "ok" if alive else ("draining" if self._draining else "worker_dead"),
+                "model": self.model.identity.name, "queue_depth": self.batcher.depth,
+                "batches": self.batcher.batches, "items": self.batcher.items}
+        status = HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE
+        payload = orjson.dumps(body)
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                           ("Connection", "close")])
+        return Response(status.value, status.phrase, headers, payload)
+
+    # ---- connections ------------------------------------------------------------
+    async def _connection(self, ws: ServerConnection) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path not in PATHS:
+            error = ClapError(f"unknown path {url.path!r}; connect to /clap", code="not_found")
+            await ws.send(error_reply(error), text=True)
+            await ws.close(4404, "unknown path")
+            return
+        if len(self._pending) >= self.config.max_connections:
+            await ws.close(1013, "too many connections; try again later")
+            return
+        defaults = parse_query(url.query, self.config.sample_rate)
+        pending: asyncio.Queue = asyncio.Queue(self.config.max_pipeline)
+        self._pending[ws] = pending
+        writer = asyncio.create_task(self._write(ws, pending))
+        try:
+            async for message in ws:
+                await pending.put(self._accept(message, defaults))
+        except ConnectionClosed:
+            pass
+        finally:
+            del self._pending[ws]
+            writer.cancel()
+            while not pending.empty():  # the client left with work queued: drop it
+                pending.get_nowait().cancel()
+                pending.task_done()
+
+    async def _write(self, ws: ServerConnection, pending: asyncio.Queue) -> None:
+        while True:
+            reply = await pending.get()
+            try:
+                payload, text = await reply
+                await ws.send(payload, text=text)
+            except ConnectionClosed:
+                return
+            finally:
+                pending.task_done()
+
+    def _accept(self, message: str | bytes, defaults: ConnectionDefaults) -> asyncio.Future:
+        """Validate a message and queue its work; return the future of its reply frame."""
+        received = time.perf_counter()
+        request_id = None
+        try:
+            if self._draining:
+                raise ShuttingDown("the server is shutting down; reconnect to another server")
+            if isinstance(message, str):
+                request = parse_text(message, defaults, self.config.max_items)
+            else:
+                request = parse_binary(message, defaults)
+            request_id = request.id
+            if isinstance(request, InfoRequest):
+                return _ready(info_reply(self.info(), request.id))
+            job = AudioJob([self._prepare(request, i) for i in range(len(request.buffers))])
+            future = self.batcher.submit(job)
+            return asyncio.ensure_future(self._finish(request, future, received))
+        except ClapError as exc:
+            return _ready(error_reply(exc, request_id))
+        except Exception:
+            _log.exception("unexpected error handling a message")
+            return _ready(error_reply(ClapError("internal server error"), request_id))
+
+    def _prepare(self, request: EmbedRequest, index: int):
+        try:
+            clip = load(request.buffers[index], request.spec, self.config.max_seconds)
+        except ClapError as exc:
+            if request.batch:
+                exc.args = (f"audio_buffers[{index}]: {exc.message}",)
+            raise
+        return windows(clip, request.spec.long_clip)
+
+    async def _finish(self, request: EmbedRequest, future: asyncio.Future, received: float):
+        try:
+            result = await future
+        except ClapError as exc:
+            return error_reply(exc, request.id), True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.error("inference failed: %r", exc)
+            return error_reply(ClapError(f"internal error during inference: {exc}"), request.id), True
+        return embedding_reply(
+            request, result.embeddings, model=self.model.identity.name,
+            seconds=time.perf_counter() - received, queue_ms=result.queue_ms, model_ms=result.model_ms,
+        )
+
+
+async def serve_until_signalled(model: ClapModel, config: ServerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with ClapServer(model, config):
+        await stop.wait()
+        _log.info("signal received: finishing in-flight requests")
+
+
+def run(model: ClapModel, config: ServerConfig) -> None:
+    """Blocking entry point used by ``clap-ws serve``."""
+    asyncio.run(serve_until_signalled(model, config))

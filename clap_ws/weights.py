@@ -1,0 +1,147 @@
+"""Where model weights come from: a path, the cache, or (only when asked) a download.
+
+Resolution, first match wins:
+
+1. ``--checkpoint PATH`` or ``CLAP_CHECKPOINT_PATH`` (a path, or a bare file
+   name looked up in the cache directory);
+2. ``<cache>/630k-audioset-best.pt``, the cache being ``--cache-dir``,
+   ``CLAP_WS_CACHE_DIR`` or ``~/.cache/clap-ws``.
+
+If nothing is found clap-ws fails at once with a message that names the file,
+the variable and the command that fetches it. It never downloads unless told
+to (``clap-ws download`` or ``serve --download``), and then makes one attempt
+with a short timeout and a progress bar: no multi-minute retry loops. The
+roberta-base tokenizer files are fetched alongside, since text needs them.
+
+:func:`load_model` is the single way the CLI and the Python API get a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_CHECKPOINT = "630k-audioset-best.pt"
+KNOWN_CHECKPOINTS = {
+    "630k-audioset-best.pt": "HTSAT-tiny, general audio (laion-clap's default)",
+    "630k-best.pt": "HTSAT-tiny, general audio",
+    "630k-audioset-fusion-best.pt": "HTSAT-tiny + fusion",
+    "630k-fusion-best.pt": "HTSAT-tiny + fusion",
+    "music_audioset_epoch_15_esc_90.14.pt": "HTSAT-base, music",
+    "music_speech_audioset_epoch_15_esc_89.98.pt": "HTSAT-base, music and speech",
+}
+CHECKPOINT_URL = "https://huggingface.co/lukewys/laion_clap/resolve/main/"
+TOKENIZER_URL = "https://huggingface.co/FacebookAI/roberta-base/resolve/main/"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+_log = logging.getLogger(__name__)
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    value = explicit or os.environ.get("CLAP_WS_CACHE_DIR") or "~/.cache/clap-ws"
+    return Path(value).expanduser()
+
+
+def find_checkpoint(checkpoint: str | os.PathLike | None, cache: Path) -> Path | None:
+    """The checkpoint file to load, or None if none is given or cached."""
+    value = checkpoint or os.environ.get("CLAP_CHECKPOINT_PATH")
+    if value:
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path
+        if path.name == str(value) and (cache / path.name).is_file():
+            return cache / path.name
+        raise ModelError(
+            f"checkpoint {value} not found (looked at {path} and {cache / path.name}); "
+            f"fetch a published one with `clap-ws download {path.name if path.name in KNOWN_CHECKPOINTS else DEFAULT_CHECKPOINT}`"
+        )
+    default = cache / DEFAULT_CHECKPOINT
+    return default if default.is_file() else None
+
+
+def missing_checkpoint_message(cache: Path) -> str:
+    return (
+        f"no model checkpoint: {cache / DEFAULT_CHECKPOINT} does not exist and neither "
+        f"--checkpoint nor CLAP_CHECKPOINT_PATH is set. Fetch it with "
+        f"`clap-ws download {DEFAULT_CHECKPOINT}` (or `clap-ws serve --download`), point "
+        f"CLAP_CHECKPOINT_PATH at a LAION-CLAP .pt file, or run with --untrained for random "
+        f"weights (tests and latency work only)"
+    )
+
+
+def fetch(url: str, dest: Path, timeout: float = 15.0, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` atomically: one attempt, ``timeout`` per socket wait."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+        os.replace(part, dest)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        part.unlink(missing_ok=True)
+        raise ModelError(f"download of {url} failed ({exc}); nothing was retried. "
+                         f"Check the network, or fetch the file yourself to {dest}") from None
+    return dest
+
+
+def download(name: str = DEFAULT_CHECKPOINT, cache: Path | None = None, *, base_url: str | None = None,
+             tokenizer_url: str | None = None, timeout: float = 15.0, progress: bool = True) -> Path:
+    """Fetch a published checkpoint and the roberta-base tokenizer files into ``cache``."""
+    cache = cache or cache_dir()
+    if name not in KNOWN_CHECKPOINTS:
+        _log.warning("%s is not one of the known LAION-CLAP checkpoints (%s)", name, ", ".join(KNOWN_CHECKPOINTS))
+    base = base_url or os.environ.get("CLAP_WS_CHECKPOINT_URL") or CHECKPOINT_URL
+    target = cache / name
+    if not target.is_file():
+        fetch(base.rstrip("/") + "/" + name, target, timeout, progress)
+    download_tokenizer(cache, base_url=tokenizer_url, timeout=timeout, progress=progress)
+    return target
+
+
+def download_tokenizer(cache: Path, *, base_url: str | None = None, timeout: float = 15.0,
+                       progress: bool = True) -> Path:
+    base = base_url or os.environ.get("CLAP_WS_TOKENIZER_URL") or TOKENIZER_URL
+    folder = cache / "roberta-base"
+    for filename in TOKENIZER_FILES:
+        if not (folder / filename).is_file():
+            fetch(base.rstrip("/") + "/" + filename, folder / filename, timeout, progress)
+    return folder
+
+
+def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool = False, seed: int = 0,
+               audio_model: str = "HTSAT-tiny", device: str | None = None, precision: str = "auto",
+               cache: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
+               allow_pickle: bool = False, download_missing: bool = False):
+    """Build the one model a process serves, from the options every subcommand shares."""
+    from .model import Architecture, ClapModel
+    from .tokenizer import find_tokenizer
+
+    folder = cache_dir(cache)
+    if untrained:
+        if checkpoint:
+            raise ModelError("--untrained and --checkpoint exclude each other")
+        return ClapModel.untrained(Architecture(audio_model), seed=seed, device=device, precision=precision)
+    path = find_checkpoint(checkpoint, folder)
+    if path is None:
+        if not download_missing:
+            raise ModelError(missing_checkpoint_message(folder))
+        path = download(DEFAULT_CHECKPOINT, folder)
+    elif download_missing:
+        download_tokenizer(folder)
+    tokenizer = find_tokenizer(tokenizer_dir, folder)
+    source = "roberta-base (local files)" if tokenizer is not None else "none: text requests will fail"
+    if tokenizer is None:
+        _log.warning("roberta-base tokenizer files not found: text features are unavailable "
+                     "(run `clap-ws download` or set CLAP_TOKENIZER_DIR); audio works")
+    return ClapModel.from_checkpoint(path, device=device, precision=precision, tokenizer=tokenizer,
+                                     tokenizer_source=source, allow_pickle=allow_pickle)
