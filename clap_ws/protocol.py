@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 from urllib.parse import parse_qsl
 
@@ -126,33 +126,37 @@ def _b64(text: str, where: str, request_id: Any) -> bytes:
 
 
 # ---- parsing ------------------------------------------------------------------
+def _query_value(params: dict, key: str, convert, allowed=None):
+    raw = params[key]
+    try:
+        value = convert(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw!r} is not a {convert.__name__}") from None
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{key}={raw!r}; expected {allowed}")
+    return value
+
+
 def parse_query(query: str, default_rate: float) -> ConnectionDefaults:
     """Read binary-frame options from a URL query; other keys are ignored."""
     params = {k: v for k, v in parse_qsl(query, keep_blank_values=True) if k in _QUERY_KEYS}
-    spec = AudioSpec(sample_rate=default_rate)
+    options: dict[str, Any] = {"sample_rate": default_rate}
     try:
         if "sample_rate" in params:
-            spec = replace(spec, sample_rate=float(params["sample_rate"]))
+            options["sample_rate"] = _query_value(params, "sample_rate", float)
         if "channels" in params:
-            channels = int(params["channels"])
-            if not 1 <= channels <= 64:
-                raise ValueError("channels must be 1-64")
-            spec = replace(spec, channels=channels)
+            options["channels"] = _query_value(params, "channels", int, range(1, 65))
         for key, allowed in (("normalize", NORMALIZE_MODES), ("long_clip", LONG_CLIP_MODES)):
             if key in params:
-                if params[key] not in allowed:
-                    raise ValueError(f"{key} must be one of {', '.join(allowed)}")
-                spec = replace(spec, **{key: params[key]})
-        reply = params.get("reply", "json")
-        if reply not in REPLY_FORMATS:
-            raise ValueError("reply must be json or binary")
-        check_rate(spec.sample_rate)
+                options[key] = _query_value(params, key, str, allowed)
+        reply = _query_value(params, "reply", str, REPLY_FORMATS) if "reply" in params else "json"
+        check_rate(options["sample_rate"])
     except ValueError as exc:
         error = RequestError(f"bad URL query parameter: {exc}")
         return ConnectionDefaults(AudioSpec(sample_rate=default_rate), "json", error)
     except ClapError as exc:
         return ConnectionDefaults(AudioSpec(sample_rate=default_rate), "json", exc)
-    return ConnectionDefaults(spec, reply)
+    return ConnectionDefaults(AudioSpec(**options), reply)
 
 
 def parse_binary(data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:

@@ -1,0 +1,299 @@
+"""A real server on 127.0.0.1, real WebSocket clients, real audio."""
+
+import asyncio
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import websockets
+from conftest import ask, chirp, connect, cosine, noise, running_server, tone, url
+
+from clap_ws.extractor import CLAPExtractor
+
+
+def b64(x: np.ndarray) -> str:
+    return base64.b64encode(x.astype("<f4").tobytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def extractor(model):
+    return CLAPExtractor(model=model)
+
+
+async def test_binary_round_trip_legacy_shape(server, extractor):
+    x = tone(440, seconds=2)
+    async with connect(server, query="ckpt_dir=/tmp/ckpt&sample_rate=48000&mfcc_focus=1") as ws:
+        reply = await ask(ws, x.tobytes())
+    assert reply["status"] == "OK" and reply["type"] == "clap" and reply["model"] == "untrained"
+    assert reply["embedding"] == reply["features"] and len(reply["features"]) == 512
+    assert np.linalg.norm(reply["embedding"]) == pytest.approx(1.0, abs=1e-5)
+    for key in ("time", "extraction_time_ms", "queue_ms", "model_ms"):
+        assert reply[key] >= 0
+    assert reply["extraction_time_ms"] >= reply["model_ms"]
+    # the Python API runs the same pipeline on the same model
+    np.testing.assert_allclose(reply["embedding"], extractor.extract_embedding(x), atol=2e-6)
+
+
+async def test_json_base64_equals_binary_and_echoes_id(server):
+    x = chirp(seconds=1.5)
+    async with connect(server) as ws:
+        by_binary = await ask(ws, x.tobytes())
+        by_json = await ask(ws, {"audio_buffer": b64(x), "sample_rate": 48000, "id": "sound-1"})
+    assert by_json["id"] == "sound-1" and by_binary["id"] is None
+    np.testing.assert_allclose(by_json["embedding"], by_binary["embedding"], atol=1e-6)
+
+
+async def test_query_sample_rate_is_used_for_binary_frames(server):
+    x44 = tone(660, sr=44100, seconds=2)
+    async with connect(server, query="sample_rate=44100&ckpt_dir=x") as ws:
+        from_query = await ask(ws, x44.tobytes())
+    async with connect(server) as ws:
+        from_json = await ask(ws, {"audio_buffer": b64(x44), "sample_rate": 44100})
+        as_if_48k = await ask(ws, x44.tobytes())  # same bytes read at the 48 kHz default
+    np.testing.assert_allclose(from_query["embedding"], from_json["embedding"], atol=1e-6)
+    assert cosine(from_query["embedding"], as_if_48k["embedding"]) < 0.99999
+
+
+async def test_embed_batch_matches_single_requests(server):
+    clips = [tone(220, seconds=1), noise(seconds=3, seed=2), chirp(seconds=12)]
+    async with connect(server) as ws:
+        singles = [await ask(ws, {"audio_buffer": b64(c), "sample_rate": 48000}) for c in clips]
+        batch = await ask(ws, {"op": "embed_batch", "audio_buffers": [b64(c) for c in clips],
+                               "sample_rate": 48000, "id": 11})
+    assert batch["status"] == "OK" and batch["count"] == 3 and batch["id"] == 11
+    for single, emb in zip(singles, batch["embeddings"]):
+        np.testing.assert_allclose(single["embedding"], emb, atol=1e-5)
+
+
+async def test_pipelined_binary_frames_come_back_in_order(server):
+    clips = [tone(100 + 150 * i, seconds=0.5) for i in range(12)]
+    async with connect(server) as ws:
+        expected = [(await ask(ws, c.tobytes()))["embedding"] for c in clips]
+        for c in clips:  # all sent before any reply is read
+            await ws.send(c.tobytes())
+        got = [json.loads(await ws.recv())["embedding"] for _ in clips]
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(e, g, atol=1e-6)
+    assert min(cosine(a, b) for a, b in zip(got, got[1:])) < 0.9999  # they really differ
+
+
+async def test_ids_on_pipelined_json_and_mixed_frames(server):
+    async with connect(server) as ws:
+        for i in range(10):
+            await ws.send(json.dumps({"audio_buffer": b64(noise(seconds=0.3, seed=i)), "id": f"r{i}"}))
+        await ws.send(json.dumps({"op": "info", "id": "info"}))
+        await ws.send("not json")
+        replies = [json.loads(await ws.recv()) for _ in range(12)]
+    assert [r["id"] for r in replies] == [f"r{i}" for i in range(10)] + ["info", None]
+    assert replies[-1]["error"]["code"] == "bad_json"
+
+
+async def test_binary_reply_format(server):
+    x = noise(seconds=1, seed=5)
+    async with connect(server, query="reply=binary") as ws:
+        await ws.send(x.tobytes())
+        raw = await ws.recv()
+        reference = await ask(ws, {"audio_buffer": b64(x), "reply": "json"})
+        await ws.send(json.dumps({"op": "embed_batch", "audio_buffers": [b64(x)] * 3}))
+        raw_batch = await ws.recv()
+    assert isinstance(raw, bytes) and len(raw) == 2048
+    np.testing.assert_allclose(np.frombuffer(raw, "<f4"), reference["embedding"], atol=1e-6)
+    assert np.frombuffer(raw_batch, "<f4").reshape(3, 512).shape == (3, 512)
+
+
+async def test_multichannel_and_peak_normalize(server):
+    left, right = tone(440, seconds=1, amp=0.1), tone(880, seconds=1, amp=0.1)
+    stereo = np.stack([left, right], 1).reshape(-1)
+    async with connect(server, query="channels=2") as ws:
+        from_stereo = await ask(ws, stereo.tobytes())
+    async with connect(server) as ws:
+        from_mono = await ask(ws, ((left + right) / 2).tobytes())
+        quiet = await ask(ws, {"audio_buffer": b64(left), "id": 1})
+        loud = await ask(ws, {"audio_buffer": b64(left * 10), "id": 2})
+        normalized = await ask(ws, {"audio_buffer": b64(left), "normalize": "peak"})
+    np.testing.assert_allclose(from_stereo["embedding"], from_mono["embedding"], atol=1e-5)
+    assert cosine(quiet["embedding"], loud["embedding"]) < 0.99999  # no silent normalisation
+    assert cosine(normalized["embedding"], loud["embedding"]) > cosine(normalized["embedding"], quiet["embedding"])
+
+
+async def test_long_clip_is_deterministic_and_mode_dependent(server):
+    x = np.concatenate([chirp(seconds=10), noise(seconds=10, seed=3), tone(300, seconds=5)])
+    async with connect(server) as ws:
+        first = await ask(ws, x.tobytes())
+        again = await ask(ws, x.tobytes())
+        head = await ask(ws, {"audio_buffer": b64(x), "long_clip": "head"})
+        center = await ask(ws, {"audio_buffer": b64(x), "long_clip": "center"})
+        only_head = await ask(ws, x[:480000].tobytes())
+    assert first["embedding"] == again["embedding"]
+    np.testing.assert_allclose(head["embedding"], only_head["embedding"], atol=1e-6)
+    assert cosine(first["embedding"], head["embedding"]) < 0.9999
+    assert cosine(center["embedding"], head["embedding"]) < 0.9999
+
+
+async def test_every_bad_input_gets_an_error_and_the_connection_survives(server):
+    good = tone(seconds=0.5)
+    bad_messages = [
+        (b"", "bad_audio"),
+        (b"\x00" * 5, "bad_audio"),
+        (np.array([0, np.nan, 0, 0], np.float32).tobytes(), "bad_audio"),
+        (np.array([np.inf] * 4, np.float32).tobytes(), "bad_audio"),
+        (noise(seconds=61).tobytes(), "too_long"),
+        ("{not json", "bad_json"),
+        ("[]", "bad_json"),
+        (json.dumps({"op": "explode"}), "unknown_op"),
+        (json.dumps({"audio_buffer": "***", "sample_rate": 48000}), "bad_base64"),
+        (json.dumps({"audio_buffer": b64(good), "sample_rate": 4000}), "bad_sample_rate"),
+        (json.dumps({"audio_buffer": b64(good), "sample_rate": 400000}), "bad_sample_rate"),
+        (json.dumps({"audio_buffer": b64(good), "sample_rate": "fast"}), "bad_request"),
+        (json.dumps({"audio_buffer": b64(good), "unknown_field": 1}), "bad_request"),
+        (json.dumps({"audio_buffer": b64(good), "channels": 2.5}), "bad_request"),
+        (json.dumps({"audio_buffer": b64(np.zeros(3, np.float32)), "channels": 2}), "bad_audio"),
+        (json.dumps({"op": "embed_batch", "audio_buffers": "abc"}), "bad_request"),
+        (json.dumps({"op": "embed_batch", "audio_buffers": [b64(good), ""]}), "bad_audio"),
+    ]
+    async with connect(server) as ws:
+        for message, code in bad_messages:
+            reply = await ask(ws, message)
+            assert reply["status"] == "ERROR", message[:80]
+            assert reply["error"]["code"] == code, (message[:80], reply)
+            assert reply["error"]["message"]
+            assert set(reply) == {"status", "error", "id"}
+        ok = await ask(ws, good.tobytes())
+    assert ok["status"] == "OK"
+
+
+async def test_bad_query_errors_each_binary_frame_but_json_still_works(server):
+    async with connect(server, query="sample_rate=abc") as ws:
+        bad = await ask(ws, tone(seconds=0.2).tobytes())
+        good = await ask(ws, {"audio_buffer": b64(tone(seconds=0.2)), "sample_rate": 48000})
+    assert bad["error"]["code"] == "bad_request" and "sample_rate" in bad["error"]["message"]
+    assert good["status"] == "OK"
+
+
+async def test_paths(server):
+    for path in ("/", "/clap"):
+        async with connect(server, path=path) as ws:
+            assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
+    async with connect(server, path="/elsewhere") as ws:
+        reply = json.loads(await ws.recv())
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+    assert reply["error"]["code"] == "not_found" and "/clap" in reply["error"]["message"]
+    assert ws.close_code == 4404
+
+
+async def test_one_shot_and_probe_connections(server):
+    for i in range(5):  # the legacy pattern: a fresh socket per sound
+        await (await websockets.connect(url(server, query="sample_rate=48000"))).close()  # a probe
+        async with websockets.connect(url(server, query="sample_rate=48000")) as ws:
+            await ws.send(noise(seconds=0.5, seed=i).tobytes())
+            assert json.loads(await ws.recv())["status"] == "OK"
+    async with connect(server) as ws:
+        assert (await ask(ws, {"op": "info"}))["connections"] == 1
+
+
+async def test_frames_over_one_mib(server):
+    x = noise(seconds=30)  # 5.8 MB: the old service's 1 MiB limit would close the socket
+    async with connect(server) as ws:
+        reply = await ask(ws, x.tobytes())
+    assert reply["status"] == "OK"
+
+
+async def test_info_describes_model_and_counters(server):
+    async with connect(server) as ws:
+        await ask(ws, tone(seconds=0.2).tobytes())
+        info = await ask(ws, {"op": "info", "id": "i"})
+    assert info["status"] == "OK" and info["id"] == "i"
+    assert info["model"] == "untrained" and info["untrained"] is True and info["checkpoint_sha256"] is None
+    assert info["architecture"] == "HTSAT-tiny" and info["device"] == "cpu"
+    assert info["precision"] in ("bf16", "fp32") and info["dimension"] == 512 and info["sample_rate"] == 48000
+    assert info["batches"] >= 1 and info["items"] >= 1 and info["queue_depth"] == 0
+
+
+async def test_sixteen_clients_share_few_model_calls(model):
+    async with running_server(model, max_wait_ms=20) as server:
+        async def one(i):
+            async with connect(server) as ws:
+                return await ask(ws, noise(seconds=1, seed=i).tobytes())
+
+        replies = await asyncio.gather(*(one(i) for i in range(16)))
+        assert all(r["status"] == "OK" for r in replies)
+        assert server.batcher.items == 16
+        assert server.batcher.batches <= 4, server.batcher.batches
+
+
+async def test_busy_when_queue_is_full(model):
+    async with running_server(model, max_queue=2, max_wait_ms=0) as server:
+        async with connect(server) as ws:
+            for i in range(12):
+                await ws.send(json.dumps({"audio_buffer": b64(noise(seconds=0.5, seed=i)), "id": i}))
+            replies = [json.loads(await ws.recv()) for _ in range(12)]
+        assert [r["id"] for r in replies] == list(range(12))  # every request answered, in order
+        busy = [r for r in replies if r["status"] == "ERROR"]
+        assert busy and all(r["error"]["code"] == "busy" for r in busy)
+        assert sum(r["status"] == "OK" for r in replies) >= 2
+        async with connect(server) as ws:  # and the server goes on serving
+            assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
+
+
+def http_get(server, path="/health"):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+async def test_health_follows_the_worker(server):
+    status, body = await asyncio.to_thread(http_get, server)
+    assert status == 200 and body["status"] == "ok" and body["model"] == "untrained"
+    await asyncio.to_thread(server.batcher.stop, 5)  # the worker ends
+    status, body = await asyncio.to_thread(http_get, server)
+    assert status == 503 and body["status"] == "worker_dead"
+    for _ in range(40):  # the watchdog restarts it within ~1 s
+        await asyncio.sleep(0.1)
+        if server.batcher.alive:
+            break
+    status, _ = await asyncio.to_thread(http_get, server)
+    assert status == 200
+    async with connect(server) as ws:
+        assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
+
+
+async def test_client_gone_before_inference_is_dropped(model):
+    async with running_server(model, max_wait_ms=0) as server:
+        async with connect(server) as ws:
+            for i in range(6):
+                await ws.send(noise(seconds=0.5, seed=i).tobytes())
+        # closed without reading: the queued requests are cancelled, not run
+        for _ in range(100):
+            if server.batcher.depth == 0 and server.batcher.items + server.batcher.dropped == 6:
+                break
+            await asyncio.sleep(0.05)
+        assert server.batcher.items + server.batcher.dropped == 6
+        assert server.batcher.dropped >= 1
+        async with connect(server) as ws:
+            assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
+
+
+async def test_shutdown_finishes_in_flight_requests(model):
+    server = await running_server(model).__aenter__()
+    try:
+        async with connect(server) as ws:
+            for i in range(4):
+                await ws.send(noise(seconds=0.5, seed=i).tobytes())
+            await asyncio.sleep(0.05)
+            stopping = asyncio.create_task(server.shutdown())
+            replies = [json.loads(await ws.recv()) for _ in range(4)]
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1001
+        await stopping
+        assert all(r["status"] == "OK" for r in replies)
+        with pytest.raises((OSError, websockets.InvalidStatus)):  # refused, or HTTP 503
+            await websockets.connect(url(server), open_timeout=2)
+    finally:
+        await server.shutdown()
