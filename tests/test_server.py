@@ -12,6 +12,7 @@ import websockets
 from conftest import ask, chirp, connect, cosine, noise, running_server, tone, url
 
 from clap_ws.extractor import CLAPExtractor
+from clap_ws.server import ClapServer, ServerConfig
 
 
 def b64(x: np.ndarray) -> str:
@@ -280,7 +281,7 @@ async def test_client_gone_before_inference_is_dropped(model):
 
 
 async def test_shutdown_finishes_in_flight_requests(model):
-    server = await running_server(model).__aenter__()
+    server = await ClapServer(model, ServerConfig(port=0)).start()
     try:
         async with connect(server) as ws:
             for i in range(4):
