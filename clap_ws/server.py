@@ -93,6 +93,7 @@ class ClapServer:
         self._pending: dict[ServerConnection, asyncio.Queue] = {}
         self._draining = False
         self._watchdog: asyncio.Task | None = None
+        self.port = config.port
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> "ClapServer":
@@ -103,6 +104,7 @@ class ClapServer:
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
         )
+        self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
         model = self.model.describe()
         _log.info("clap-ws %s listening on ws://%s:%d/clap", __version__, self.config.host, self.port)
@@ -112,10 +114,6 @@ class ClapServer:
             _log.warning('model: "untrained" - RANDOM WEIGHTS (seed %s): embeddings are meaningless; '
                          "for tests and latency work only", self.model.identity.seed)
         return self
-
-    @property
-    def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish, close connections, stop the worker."""
