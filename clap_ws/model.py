@@ -110,13 +110,18 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch's zip format, or a legacy pickle
+        raise ModelError(f"cannot read checkpoint {path}: not a file written by torch.save")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         raise ModelError(
             f"{path.name} holds objects other than tensors, which are not loaded "
             f"by default (a checkpoint is a pickle and can run code). If the file is "
-            f"from a trusted source, pass --allow-pickle. Detail: {str(exc).splitlines()[0]}"
+            f"from a trusted source, pass --allow-pickle. {detail}".strip()
         ) from None
     except Exception as exc:
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from None

@@ -1,0 +1,148 @@
+"""Checkpoint files in laion-clap's own format, parity with laion-clap, and precision."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
+
+from clap_ws.errors import ModelError, TextUnavailable
+from clap_ws.extractor import CLAPExtractor
+from clap_ws.model import Architecture, ClapModel, detect_architecture, fusion_mel, read_checkpoint, sha256_of
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return ClapModel.from_checkpoint(tiny_checkpoint, precision="fp32")
+
+
+def test_tiny_checkpoint_loads_with_module_prefix_and_position_ids(tiny, tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    assert all(k.startswith("module.") for k in state)
+    assert "module.text_branch.embeddings.position_ids" in state
+    assert tiny.architecture == Architecture("HTSAT-tiny")
+    assert tiny.identity.name == "630k-audioset-best.pt"
+    assert tiny.identity.sha256 == sha256_of(tiny_checkpoint) and len(tiny.identity.sha256) == 64
+    # every tensor came from the file, not from a fresh initialisation
+    loaded = tiny.net.state_dict()
+    for key, value in state.items():
+        key = key[len("module."):]
+        if key in loaded:
+            assert torch.equal(loaded[key], value), key
+
+
+def test_loaded_weights_differ_from_the_default_untrained_model(tiny, fp32_model):
+    x = tone(seconds=2)
+    a = CLAPExtractor(model=tiny).extract_embedding(x)
+    b = CLAPExtractor(model=fp32_model).extract_embedding(x)
+    assert cosine(a, b) < 0.99
+
+
+def test_base_checkpoint_is_detected_without_being_told(tmp_path):
+    net = ClapModel.untrained(Architecture("HTSAT-base"), seed=2, precision="fp32").net
+    path = write_laion_checkpoint(net, tmp_path / "music_audioset_epoch_15_esc_90.14.pt")
+    model = ClapModel.from_checkpoint(path, precision="fp32")
+    assert model.architecture.audio == "HTSAT-base" and not model.architecture.fusion
+    emb = CLAPExtractor(model=model).extract_embedding(noise(seconds=1))
+    assert emb.shape == (512,) and np.linalg.norm(emb) == pytest.approx(1, abs=1e-5)
+
+
+def test_fusion_checkpoint_is_detected_and_runs(tmp_path):
+    net = ClapModel.untrained(Architecture("HTSAT-tiny", "aff_2d"), seed=3, precision="fp32").net
+    path = write_laion_checkpoint(net, tmp_path / "630k-audioset-fusion-best.pt")
+    assert detect_architecture(read_checkpoint(path)) == Architecture("HTSAT-tiny", "aff_2d")
+    ex = CLAPExtractor(model=ClapModel.from_checkpoint(path, precision="fp32"))
+    a, b = ex.extract_batch([chirp(seconds=3), chirp(seconds=25)])
+    assert cosine(a, b) < 0.9999 and np.isfinite(a).all() and np.isfinite(b).all()
+
+
+def test_fusion_mel_matches_librosa():
+    librosa = pytest.importorskip("librosa")
+    from clap_ws.model import laion
+
+    cfg = laion.load_clap_module().CLAPAudioCfp(**laion.model_config("HTSAT-tiny")["audio_cfg"])
+    x = np.concatenate([chirp(seconds=5), noise(seconds=5)])
+    ours = fusion_mel(torch.from_numpy(x)[None], cfg)[0, 0].numpy()
+    ref = librosa.power_to_db(librosa.feature.melspectrogram(
+        y=x.astype(np.float64), sr=48000, n_fft=1024, hop_length=480, win_length=1024, center=True,
+        pad_mode="reflect", power=2.0, n_mels=64, fmin=50, fmax=14000, htk=True, norm=None),
+        ref=1.0, amin=1e-10, top_db=None).T
+    assert ours.shape == ref.shape == (1001, 64)
+    audible = ref > -60  # below that, float32 rounding in the STFT dominates both
+    assert audible.mean() > 0.5
+    assert np.abs(ours - ref)[audible].max() < 0.05  # dB
+
+
+def test_unusable_files_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        ClapModel.from_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read checkpoint"):
+        ClapModel.from_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"state_dict": {"module.something.weight": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(ModelError, match="not a LAION-CLAP HTSAT checkpoint"):
+        ClapModel.from_checkpoint(tmp_path / "other.pt")
+
+
+class Payload:  # stands for arbitrary pickled objects
+    pass
+
+
+def test_pickled_objects_need_allow_pickle(tmp_path, tiny_checkpoint):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["args"] = Payload()
+    path = tmp_path / "with-objects.pt"
+    torch.save(ckpt, path, pickle_module=pickle)
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        ClapModel.from_checkpoint(path)
+    model = ClapModel.from_checkpoint(path, precision="fp32", allow_pickle=True)
+    assert model.architecture.audio == "HTSAT-tiny"
+
+
+def test_text_without_tokenizer_is_a_clear_error_and_audio_still_works(tiny):
+    ex = CLAPExtractor(model=tiny)  # loaded from a checkpoint with no tokenizer files around
+    assert tiny.tokenizer is None
+    with pytest.raises(TextUnavailable, match="clap-ws download"):
+        ex.extract_text(["a dog barking"])
+    assert ex.extract_embedding(tone(seconds=1)).shape == (512,)
+
+
+def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
+    """fp32, same weights, same 48 kHz clips: laion-clap's own embedding (cosine >= 0.99999)."""
+    from clap_ws.tokenizer import byte_level_tokenizer
+
+    clips = {"a_short_3s": chirp(seconds=3), "b_exactly_10s": noise(seconds=10, seed=4),
+             "c_tone_1s": tone(523.25, seconds=1)}
+    texts = ["a dog barking", "rain on a tin roof at night", "an old analogue synthesizer pad"]
+    np.savez(tmp_path / "clips.npz", **clips)
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "laion_reference.py"), str(tiny_checkpoint), "HTSAT-tiny",
+                    str(tmp_path / "clips.npz"), str(tmp_path / "texts.json"), str(tmp_path / "ref.npz")],
+                   check=True, env=env, timeout=600)
+    ref = np.load(tmp_path / "ref.npz")
+
+    model = ClapModel.from_checkpoint(tiny_checkpoint, precision="fp32", tokenizer=byte_level_tokenizer())
+    ex = CLAPExtractor(model=model)
+    ours = ex.extract_batch([clips[k] for k in sorted(clips)])
+    for name, a, b in zip(sorted(clips), ours, ref["audio"]):
+        assert cosine(a, b) >= 0.99999, name
+    ours_text = ex.extract_text(texts)  # padded to the longest text, laion-clap pads to 77
+    for a, b in zip(ours_text, ref["text"]):
+        assert cosine(a, b) >= 0.99999
+
+
+def test_bf16_stays_close_to_fp32(model, fp32_model):
+    if model.precision != "bf16":
+        pytest.skip("this CPU has no native bf16, so auto precision is fp32")
+    clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
+    a = CLAPExtractor(model=model).extract_batch(clips)
+    b = CLAPExtractor(model=fp32_model).extract_batch(clips)
+    for x, y in zip(a, b):
+        assert cosine(x, y) >= 0.999
