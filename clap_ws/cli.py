@@ -109,3 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         log.error("%s", exc)
         return 2
+    except OSError as exc:  # e.g. the port is taken
+        log.error("cannot start: %s", exc)
+        return 1

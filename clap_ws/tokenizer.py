@@ -39,6 +39,19 @@ def byte_level_tokenizer():
     return RobertaTokenizer(vocab=vocab, merges=[])
 
 
+def _hub_cache_dir() -> Path | None:
+    """The local Hugging Face snapshot holding roberta-base's files, if any (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in ("FacebookAI/roberta-base", "roberta-base"):
+        vocab = try_to_load_from_cache(repo, "vocab.json")
+        if isinstance(vocab, str) and (Path(vocab).parent / "merges.txt").is_file():
+            return Path(vocab).parent
+    return None
+
+
 def tokenizer_candidates(explicit: str | os.PathLike | None, cache_dir: Path) -> list[Path]:
     """Directories searched for tokenizer files, in order."""
     out = []
@@ -47,22 +60,27 @@ def tokenizer_candidates(explicit: str | os.PathLike | None, cache_dir: Path) ->
     elif os.environ.get("CLAP_TOKENIZER_DIR"):
         out.append(Path(os.environ["CLAP_TOKENIZER_DIR"]).expanduser())
     out.append(cache_dir / "roberta-base")
+    hub = _hub_cache_dir()
+    if hub is not None:
+        out.append(hub)
     return out
 
 
 def find_tokenizer(explicit: str | os.PathLike | None, cache_dir: Path):
-    """Load the roberta-base tokenizer without touching the network, or return None."""
+    """Load the roberta-base tokenizer from local files, or return None.
+
+    Only folders that really hold ``vocab.json`` and ``merges.txt`` are tried:
+    recent transformers return an empty five-token tokenizer, not an error,
+    when asked for files that are not there.
+    """
     from transformers import RobertaTokenizer
 
     for directory in tokenizer_candidates(explicit, cache_dir):
         if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             return RobertaTokenizer.from_pretrained(str(directory), local_files_only=True)
         if explicit and directory == Path(explicit).expanduser():
-            _log.warning("tokenizer directory %s has no vocab.json + merges.txt", directory)
-    try:
-        return RobertaTokenizer.from_pretrained("roberta-base", local_files_only=True)
-    except Exception:  # not in the local hub cache: text stays unavailable
-        return None
+            _log.warning("tokenizer folder %s has no vocab.json + merges.txt", directory)
+    return None
 
 
 def tokenize(tokenizer, texts: list[str]) -> dict:

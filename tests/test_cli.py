@@ -1,0 +1,194 @@
+"""The command line as a user runs it: real processes, signals, downloads from a local HTTP server."""
+
+import asyncio
+import functools
+import http.server
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+from conftest import ROOT, noise, tone
+
+from clap_ws import weights
+from clap_ws.errors import ModelError
+from clap_ws.tokenizer import byte_level_tokenizer
+
+
+def offline_env(tmp_path, **extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CLAP_WS_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT), PYTHON=sys.executable)
+    env.pop("CLAP_CHECKPOINT_PATH", None)
+    env.update(extra)
+    return env
+
+
+class Served:
+    """A process started in the background; stderr is collected to find its port."""
+
+    def __init__(self, args, env):
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for_port(self, timeout=120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)/clap", line):
+                    return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise AssertionError("server exited:\n" + "".join(self.lines))
+            time.sleep(0.1)
+        raise AssertionError("server did not start:\n" + "".join(self.lines))
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_serve_without_checkpoint_fails_fast_and_says_how_to_fix_it(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "clap_ws", "serve", "--port", "0"], env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert time.monotonic() - started < 60
+    for words in ("630k-audioset-best.pt", "CLAP_CHECKPOINT_PATH", "clap-ws download", "--untrained"):
+        assert words in result.stderr
+
+
+def test_start_script_untrained_then_sigterm_under_load(tmp_path):
+    server = Served([str(ROOT / "start_clap_service.sh"), "--untrained"], offline_env(tmp_path, PORT="0"))
+    try:
+        port = server.wait_for_port()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["model"] == "untrained"
+
+        async def load():
+            async with websockets.connect(f"ws://127.0.0.1:{port}/clap?sample_rate=44100") as ws:
+                for i in range(6):
+                    await ws.send(noise(sr=44100, seconds=1, seed=i).tobytes())
+                await asyncio.sleep(0.2)
+                server.proc.send_signal(signal.SIGTERM)  # while requests are in flight
+                replies = [json.loads(await ws.recv()) for _ in range(6)]
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                return replies, ws.close_code
+
+        replies, code = asyncio.run(load())
+        assert [r["status"] for r in replies] == ["OK"] * 6 and code == 1001
+        assert server.proc.wait(timeout=60) == 0
+        assert 'model: "untrained" - RANDOM WEIGHTS' in server.log()
+    finally:
+        server.kill()
+
+
+def test_checkpoint_from_environment_and_sigint(tmp_path, tiny_checkpoint):
+    env = offline_env(tmp_path, CLAP_CHECKPOINT_PATH=str(tiny_checkpoint), CLAP_DEVICE="cpu")
+    server = Served([sys.executable, "-m", "clap_ws", "serve", "--port", "0", "--precision", "fp32"], env)
+    try:
+        port = server.wait_for_port()
+
+        async def talk():
+            async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send(json.dumps({"op": "info"}))
+                info = json.loads(await ws.recv())
+                await ws.send(tone(seconds=1).tobytes())
+                return info, json.loads(await ws.recv())
+
+        info, reply = asyncio.run(talk())
+        assert info["model"] == "630k-audioset-best.pt" and info["untrained"] is False
+        assert info["checkpoint_sha256"] == weights_sha(tiny_checkpoint)
+        assert info["precision"] == "fp32" and info["device"] == "cpu" and info["text"] is False
+        assert reply["model"] == "630k-audioset-best.pt"
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 0
+        assert "text features are unavailable" in server.log()
+    finally:
+        server.kill()
+
+
+def weights_sha(path):
+    from clap_ws.model import sha256_of
+
+    return sha256_of(path)
+
+
+# ---- downloads, from a local HTTP server ------------------------------------------
+@pytest.fixture
+def mirror(tmp_path, tiny_checkpoint):
+    """A loopback HTTP server holding a checkpoint and roberta-style tokenizer files."""
+    root = tmp_path / "mirror"
+    (root / "ckpt").mkdir(parents=True)
+    (root / "tok").mkdir()
+    (root / "ckpt" / "630k-audioset-best.pt").write_bytes(tiny_checkpoint.read_bytes())
+    (root / "tok" / "vocab.json").write_text(json.dumps(byte_level_tokenizer().get_vocab()))
+    (root / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield base, requests
+    httpd.shutdown()
+
+
+def test_download_fetches_checkpoint_and_tokenizer_once(tmp_path, mirror, tiny_checkpoint):
+    base, requests = mirror
+    cache = tmp_path / "cache"
+    path = weights.download("630k-audioset-best.pt", cache, base_url=base + "/ckpt/",
+                            tokenizer_url=base + "/tok/", progress=False)
+    assert path.read_bytes() == tiny_checkpoint.read_bytes()
+    assert (cache / "roberta-base" / "vocab.json").is_file() and (cache / "roberta-base" / "merges.txt").is_file()
+    assert not list(cache.rglob("*.part"))
+    fetched = len(requests)
+    weights.download("630k-audioset-best.pt", cache, base_url=base + "/ckpt/", tokenizer_url=base + "/tok/",
+                     progress=False)
+    assert len(requests) == fetched == 3  # nothing fetched twice
+    # the cache is now enough: default checkpoint and the tokenizer, offline
+    model = weights.load_model(cache=cache, precision="fp32")
+    assert model.identity.name == "630k-audioset-best.pt" and model.tokenizer is not None
+    assert model.embed_text(["a bell"]).shape == (1, 512)
+
+
+def test_download_cli(tmp_path, mirror):
+    base, _ = mirror
+    env = offline_env(tmp_path, CLAP_WS_CHECKPOINT_URL=base + "/ckpt/", CLAP_WS_TOKENIZER_URL=base + "/tok/")
+    result = subprocess.run([sys.executable, "-m", "clap_ws", "download", "--cache-dir", str(tmp_path / "c")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tmp_path / "c" / "630k-audioset-best.pt"
+    assert (tmp_path / "c" / "630k-audioset-best.pt").stat().st_size > 1_000_000
+
+
+def test_failed_download_is_quick_and_leaves_nothing(tmp_path, mirror):
+    base, _ = mirror
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="nothing was retried"):
+        weights.download("630k-best.pt", tmp_path / "cache", base_url=base + "/missing/", progress=False)
+    with pytest.raises(ModelError, match="failed"):
+        weights.download("630k-best.pt", tmp_path / "cache", base_url="http://127.0.0.1:9/", progress=False,
+                         timeout=2)
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*"))
