@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): install what the tests need, then run them.
+#
+#   ./scripts/test.sh              # everything CI runs
+#   ./scripts/test.sh -k server    # extra arguments go to pytest
+#
+# Creates .venv if there is none. torch is installed first, pinned by TORCH_SPEC
+# (default torch==2.13.0, the CPU wheel on the project's machines), so that the
+# project's own install does not pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VENV:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install --quiet --upgrade pip
+"$py" -c "import torch" 2>/dev/null || "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+"$py" -m pip install --quiet -e ".[test]"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the suite proves no network is needed
+"$py" -m pytest -q "$@"
