@@ -128,6 +128,12 @@ def load_clap_module() -> types.ModuleType:
     package.__path__ = [str(_laion_clap_dir())]
     package.__package__ = PRIVATE_PACKAGE
     sys.modules[PRIVATE_PACKAGE] = package
+    # Import what model.py takes from transformers before the placeholder exists:
+    # transformers probes for torchvision while it loads (when Pillow is
+    # installed) and must see the truth, not the placeholder.
+    from transformers import BartModel, BertModel, RobertaModel  # noqa: F401
+    from transformers.tokenization_utils_base import BatchEncoding  # noqa: F401
+
     try:
         with _torchvision_placeholder():
             model = importlib.import_module(model_name)
