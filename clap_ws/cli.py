@@ -36,6 +36,7 @@ _SERVER_HELP = {
     "ping_timeout": "seconds to wait for a pong before dropping a client (default %(default)s)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
 }
+_SERVER_FLAGS = {"warm_up": "--no-warm-up"}  # booleans that default to True
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve)
     group = serve.add_argument_group("server")
     for f in fields(ServerConfig):
-        group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=_SERVER_HELP[f.name])
+        if f.name in _SERVER_FLAGS:
+            group.add_argument(_SERVER_FLAGS[f.name], dest=f.name, action="store_false",
+                               help="skip the warm-up model call before listening")
+        else:
+            group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                               help=_SERVER_HELP[f.name])
     group.add_argument("--download", action="store_true",
                        help="fetch the default checkpoint and tokenizer first if missing (network)")
 

@@ -196,6 +196,35 @@ def _fp32_forward(module: torch.nn.Module) -> None:
     module.forward = fp32
 
 
+def _fft_stft(stft: torch.nn.Module) -> bool:
+    """Swap torchlibrosa's conv1d STFT for ``torch.stft`` when its kernels are a plain DFT.
+
+    torchlibrosa computes the spectrogram as two 1024x513 convolutions (about
+    2 GFLOP per 10-s window); an FFT gives the same numbers for a fraction of
+    that. The kernels are frozen in every LAION-CLAP checkpoint, but they are
+    checked here anyway: if they are not a windowed DFT, nothing is changed.
+    """
+    real, imag = stft.conv_real.weight[:, 0, :], stft.conv_imag.weight[:, 0, :]
+    n_fft = real.shape[1]
+    window = real[0].detach().clone()  # the k=0 row is the window itself
+    angle = 2 * np.pi * torch.outer(torch.arange(real.shape[0], dtype=torch.float64),
+                                    torch.arange(n_fft, dtype=torch.float64)) / n_fft
+    expected = torch.cos(angle) * window.double(), torch.sin(angle) * window.double()
+    if not (torch.allclose(real.double().cpu(), expected[0].cpu(), atol=1e-5)
+            and torch.allclose(imag.double().abs().cpu(), expected[1].abs().cpu(), atol=1e-5)):
+        return False
+    hop, center, pad_mode = stft.hop_length, stft.center, stft.pad_mode
+
+    def forward(x):
+        spec = torch.stft(x.float(), n_fft, hop_length=hop, win_length=n_fft, window=window.to(x.device),
+                          center=center, pad_mode=pad_mode, return_complex=True)
+        spec = spec.transpose(1, 2)[:, None]  # (B, 1, T, F) like torchlibrosa
+        return spec.real, spec.imag
+
+    stft.forward = forward
+    return True
+
+
 def fusion_mel(windows: torch.Tensor, audio_cfg) -> torch.Tensor:
     """laion-clap's fusion input for windows of <= 10 s: 4 copies of the log-mel.
 
@@ -243,12 +272,14 @@ class ClapModel:
 
     def __post_init__(self) -> None:
         self.net.eval()
+        branch = self.net.audio_branch
+        if hasattr(branch, "spectrogram_extractor"):
+            _fft_stft(branch.spectrogram_extractor.stft)
         if self.precision == "fp32":
             self._autocast = contextlib.nullcontext
         else:
             dtype = _DTYPES[self.precision]
             self._autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype)
-            branch = self.net.audio_branch
             for name in ("spectrogram_extractor", "logmel_extractor"):
                 if hasattr(branch, name):
                     _fp32_forward(getattr(branch, name))
@@ -331,6 +362,10 @@ class ClapModel:
         with self._autocast():
             out = self.net.encode_text(dict(tokens), device=self.device)
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
+
+    def warm_up(self) -> None:
+        """One silent window through the model, so the first client does not pay for first-call setup."""
+        self.embed_windows(np.zeros((1, WINDOW_SAMPLES), dtype=np.float32))
 
     def describe(self) -> dict:
         """The model part of the ``info`` reply."""

@@ -70,6 +70,7 @@ class ServerConfig:
     ping_interval: float = 20.0
     ping_timeout: float = 60.0
     shutdown_timeout: float = 30.0
+    warm_up: bool = True  # run one window through the model before listening
 
 
 def _ready(payload: bytes, text: bool = True) -> asyncio.Future:
@@ -97,6 +98,8 @@ class ClapServer:
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> "ClapServer":
+        if self.config.warm_up:
+            await asyncio.to_thread(self.model.warm_up)
         self.batcher.start()
         self._server = await serve(
             self._connection, self.config.host, self.config.port,
