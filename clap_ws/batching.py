@@ -10,6 +10,9 @@ and settles the futures back on the loop. The loop never runs the model.
 
 Why a thread: torch releases the GIL in its kernels, a thread shares the
 resident model without copying it, and one worker serialises access to it.
+Every model call, the warm-up included (``on_start``), happens on that one
+thread: torch's OpenMP pool is per calling thread, and a second pool left
+spinning on a 2-core machine slows the first.
 
 Bounded by design: past ``max_queue`` pending items :meth:`submit` raises
 :class:`~clap_ws.errors.Busy` at once instead of letting memory grow. A
@@ -61,10 +64,13 @@ class MicroBatcher(Generic[T, R]):
         max_wait_ms: float = 2.0,
         max_queue: int = 1024,
         name: str = "clap-inference",
+        on_start: Callable[[], object] | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         self.handler = handler
+        self.on_start = on_start  # runs on the worker thread before its first batch
+        self.ready = threading.Event()
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -132,6 +138,12 @@ class MicroBatcher(Generic[T, R]):
             return [self._queue.popleft() for _ in range(n)]
 
     def _run(self) -> None:
+        if self.on_start is not None and not self.ready.is_set():
+            try:
+                self.on_start()
+            except Exception:
+                _log.exception("worker start-up hook failed")
+        self.ready.set()
         while (batch := self._take()) is not None:
             live = [p for p in batch if not p.future.cancelled()]
             self.dropped += len(batch) - len(live)

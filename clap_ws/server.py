@@ -88,6 +88,7 @@ class ClapServer:
         self.batcher = MicroBatcher(
             Inference(model, max_windows=config.max_batch),
             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
+            on_start=model.warm_up if config.warm_up else None,
         )
         self.started = time.time()
         self._server: Server | None = None
@@ -98,9 +99,8 @@ class ClapServer:
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> "ClapServer":
-        if self.config.warm_up:
-            await asyncio.to_thread(self.model.warm_up)
         self.batcher.start()
+        await asyncio.to_thread(self.batcher.ready.wait)  # warm-up done on the worker thread
         self._server = await serve(
             self._connection, self.config.host, self.config.port,
             process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
