@@ -298,3 +298,37 @@ async def test_shutdown_finishes_in_flight_requests(model):
             await websockets.connect(url(server), open_timeout=2)
     finally:
         await server.shutdown()
+
+
+async def test_keepalive_pings_do_not_drop_a_client_waiting_on_long_batches(model):
+    # pings every 0.1 s, 0.3 s to answer: the queued work below takes several seconds
+    async with running_server(model, ping_interval=0.1, ping_timeout=0.3) as server:
+        async with connect(server, ping_interval=None) as ws:
+            for i in range(3):
+                await ws.send(noise(seconds=60, seed=i).tobytes())  # 6 windows each
+            replies = [json.loads(await ws.recv()) for _ in range(3)]
+    assert [r["status"] for r in replies] == ["OK"] * 3
+
+
+async def test_64_mib_frames_are_read_and_bigger_ones_close_with_1009(model):
+    async with running_server(model, max_frame_mb=64) as server:
+        async with connect(server) as ws:
+            reply = await ask(ws, np.zeros(16 * 1024 * 1024, np.float32).tobytes())  # 64 MiB
+            assert reply["error"]["code"] == "too_long"  # read whole, answered, still open
+            assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
+        ws = await connect(server)
+        await ws.send(np.zeros(16 * 1024 * 1024 + 1, np.float32).tobytes())
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1009
+
+
+async def test_connections_past_the_limit_close_with_1013(model):
+    async with running_server(model, max_connections=2) as server:
+        async with connect(server) as a, connect(server) as b:
+            async with connect(server) as c:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await c.recv()
+            assert c.close_code == 1013
+            assert (await ask(a, tone(seconds=0.2).tobytes()))["status"] == "OK"
+            assert (await ask(b, tone(seconds=0.2).tobytes()))["status"] == "OK"
