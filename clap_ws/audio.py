@@ -48,7 +48,7 @@ class AudioSpec:
 
 def decode_pcm(data: bytes | bytearray | memoryview, channels: int = 1) -> np.ndarray:
     """Interleaved little-endian float32 bytes -> (frames, channels) array, no copy."""
-    size = len(data)
+    size = memoryview(data).nbytes
     if size == 0:
         raise AudioError("the audio buffer is empty")
     frame_bytes = 4 * channels
@@ -78,7 +78,13 @@ def check_rate(sample_rate: float) -> None:
 def load(data: bytes | bytearray | memoryview, spec: AudioSpec, max_seconds: float) -> np.ndarray:
     """Decode, validate and resample one buffer to 48 kHz mono float32."""
     check_rate(spec.sample_rate)
-    frames = decode_pcm(data, spec.channels)
+    return prepare(decode_pcm(data, spec.channels), spec, max_seconds)
+
+
+def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarray:
+    """Validate, downmix and resample decoded (frames, channels) float32 audio."""
+    if len(frames) == 0:
+        raise AudioError("the audio is empty")
     seconds = len(frames) / spec.sample_rate
     if seconds > max_seconds:
         raise AudioError(

@@ -1,6 +1,7 @@
 """``clap-ws`` (also ``python -m clap_ws``): one command, several subcommands.
 
 * ``serve``    - load the model and serve WebSocket clients until SIGINT/SIGTERM;
+* ``library build DIR --out LIB`` / ``library info LIB`` - sound libraries;
 * ``download`` - fetch a published checkpoint and the tokenizer files (the
   only subcommand that touches the network).
 
@@ -35,6 +36,8 @@ _SERVER_HELP = {
     "ping_interval": "seconds between keepalive pings (default %(default)s)",
     "ping_timeout": "seconds to wait for a pong before dropping a client (default %(default)s)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
+    "text_cache": "prompt embeddings kept in the LRU cache (default %(default)s)",
+    "archive_flush_s": "seconds between writes of changed archives to --archive-dir (default %(default)s)",
 }
 _SERVER_FLAGS = {"warm_up": "--no-warm-up"}  # booleans that default to True
 
@@ -86,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
                                help=_SERVER_HELP[f.name])
     group.add_argument("--download", action="store_true",
                        help="fetch the default checkpoint and tokenizer first if missing (network)")
+    extra = serve.add_argument_group("libraries, archives, behaviour descriptors")
+    extra.add_argument("--library", action="append", default=[], metavar="FILE",
+                       help="a library built by `clap-ws library build` (repeat for several)")
+    extra.add_argument("--archive-dir", metavar="DIR", help="persist named archives here (default: in memory)")
+    extra.add_argument("--projection", metavar="FILE",
+                       help="behaviour-descriptor projection (.npz PCA/linear, or TorchScript) for /clap-bd")
+
+    lib = sub.add_parser("library", help="build and inspect sound libraries")
+    lib_sub = lib.add_subparsers(dest="library_command", required=True)
+    build = lib_sub.add_parser("build", help="embed every audio file below DIR into the library file LIB")
+    build.add_argument("folder", metavar="DIR")
+    build.add_argument("--out", required=True, metavar="LIB", help="library file to create or update")
+    build.add_argument("--batch", type=int, default=16, help="files per model call and journal chunk (default 16)")
+    build.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw"],
+                       help="auto: exact (flat) up to --hnsw-threshold items, HNSW above")
+    build.add_argument("--hnsw-threshold", type=int, default=100_000)
+    build.add_argument("--max-seconds", type=float, default=600.0, help="skip longer files (default 600)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(build)
+    show = lib_sub.add_parser("info", help="print a library's summary as JSON")
+    show.add_argument("lib", metavar="LIB")
 
     fetch = sub.add_parser("download", help="fetch a published checkpoint and the roberta-base tokenizer")
     fetch.add_argument("name", nargs="?", default=DEFAULT_CHECKPOINT,
@@ -93,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", help="destination (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default 15)")
     return parser
+
+
+def _library(args: argparse.Namespace) -> int:
+    import json
+
+    from .library import Library, build
+
+    if args.library_command == "info":
+        lib = Library.load(args.lib)
+        tags = sorted({t for item in lib.items for t in item.get("tags", [])})
+        print(json.dumps({"name": lib.name, "count": len(lib), "index": lib.index.kind, "model": lib.model,
+                          "root": lib.root, "tags": tags}, indent=1))
+        return 0
+    model = model_from_args(args)
+    report = build(model, args.folder, args.out, batch=args.batch, index=args.index,
+                   hnsw_threshold=args.hnsw_threshold, max_seconds=args.max_seconds, progress=not args.no_progress)
+    print(f"{args.out}: {report.total} items; embedded {report.embedded}, reused {report.reused}, "
+          f"resumed {report.resumed}, dropped {report.dropped}, skipped {len(report.skipped)}")
+    for path, reason in report.skipped:
+        print(f"  skipped {path}: {reason}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             path = download(args.name, cache_dir(args.cache_dir), timeout=args.timeout)
             print(path)
             return 0
+        if args.command == "library":
+            return _library(args)
+        from .archive import Archives
+        from .library import Library
+        from .projection import Projection
         from .server import ServerConfig, run
 
         config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+        libraries = [Library.load(path) for path in args.library]
+        projection = Projection.load(args.projection) if args.projection else None
         model = model_from_args(args, download_missing=args.download)
-        run(model, config)
+        run(model, config, libraries=libraries, archives=Archives(args.archive_dir), projection=projection)
         return 0
     except ModelError as exc:
         log.error("%s", exc)

@@ -1,6 +1,6 @@
 """The Python API: the server's pipeline, called directly.
 
-:class:`CLAPExtractor` runs the same code as the server - :func:`audio.load`,
+:class:`CLAPExtractor` runs the same code as the server - :func:`audio.prepare`,
 :func:`audio.windows` and :class:`~clap_ws.inference.Inference` - without a
 socket or a queue, so an embedding from the API equals the server's for the
 same input and model.
@@ -12,9 +12,11 @@ import os
 
 import numpy as np
 
-from .audio import AudioSpec, load, windows
+from .audio import AudioSpec, check_rate, prepare, windows
+from .errors import AudioError
 from .inference import AudioJob, Inference, TextJob
 from .model import ClapModel
+from .similarity import cosine_matrix
 from .weights import load_model
 
 
@@ -46,8 +48,15 @@ class CLAPExtractor:
                       normalize: str = "none") -> np.ndarray:
         """(N, 512) unit-norm embeddings of N clips (float arrays, interleaved if multi-channel)."""
         spec = AudioSpec(sample_rate, channels, normalize, self.long_clip)
-        clips = [np.ascontiguousarray(a, dtype="<f4").reshape(-1) for a in audios]
-        return self._run(AudioJob([windows(load(c.data, spec, self.max_seconds), spec.long_clip) for c in clips]))
+        check_rate(sample_rate)
+        clips = []
+        for audio in audios:
+            samples = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+            if len(samples) % channels:
+                raise AudioError(f"{len(samples)} samples do not divide into {channels} interleaved channels")
+            frames = samples.reshape(-1, channels)
+            clips.append(windows(prepare(frames, spec, self.max_seconds), spec.long_clip))
+        return self._run(AudioJob(clips))
 
     def extract_embedding(self, audio, sample_rate: float = 48_000, channels: int = 1,
                           normalize: str = "none") -> np.ndarray:
@@ -60,7 +69,8 @@ class CLAPExtractor:
 
     @staticmethod
     def compute_similarity(a, b) -> float:
-        """Cosine similarity of two embeddings (not clipped: it ranges over [-1, 1])."""
-        a = np.asarray(a, dtype=np.float64).ravel()
-        b = np.asarray(b, dtype=np.float64).ravel()
-        return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+        """Cosine similarity of two embeddings (not clipped: it ranges over [-1, 1]).
+
+        The server's ``similarity`` and ``reference_similarity`` use the same function.
+        """
+        return float(cosine_matrix(np.ravel(a), np.ravel(b))[0, 0])

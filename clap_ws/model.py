@@ -363,6 +363,11 @@ class ClapModel:
             out = self.net.encode_text(dict(tokens), device=self.device)
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
 
+    @property
+    def logit_scale(self) -> float:
+        """CLAP's learnt audio-to-text temperature, for zero-shot ``probs``."""
+        return float(self.net.logit_scale_a.exp())
+
     def warm_up(self) -> None:
         """One silent window through the model, so the first client does not pay for first-call setup."""
         self.embed_windows(np.zeros((1, WINDOW_SAMPLES), dtype=np.float32))

@@ -1,8 +1,9 @@
 """The wire protocol: frames in, typed requests out; results in, reply frames out.
 
 No I/O happens here. A WebSocket message is parsed and validated once, at the
-edge, into a frozen request object (:class:`EmbedRequest` or
-:class:`InfoRequest`); the server and the model trust it from then on. Every
+edge, into a frozen request object (:class:`EmbedRequest`,
+:class:`TextRequest`, :class:`SearchRequest`, :class:`ArchiveRequest` or
+:class:`InfoRequest`); the service and the model trust it from then on. Every
 way a message can be wrong raises a :class:`~clap_ws.errors.ClapError` whose
 ``code`` is documented in PROTOCOL.md, and :func:`error_reply` renders any of
 them in the one error shape.
@@ -11,9 +12,9 @@ Message forms (PROTOCOL.md has the full text):
 
 * binary frame - float32 PCM; rate, channels and options come from the URL
   query of the connection (``?sample_rate=44100``), unknown query keys ignored;
-* text frame - a JSON object: ``{"audio_buffer": <base64>, "sample_rate": n}``,
-  ``{"op": "embed_batch", "audio_buffers": [...]}`` or ``{"op": "info"}``;
-  unknown fields are an error, so a typo never goes unnoticed.
+* text frame - a JSON object: ``{"audio_buffer": <base64>, "sample_rate": n}``
+  or ``{"op": ..., ...}`` for the other ops (``OPS``); unknown fields are an
+  error, so a typo never goes unnoticed.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from .audio import LONG_CLIP_MODES, NORMALIZE_MODES, AudioSpec, check_rate
 from .errors import ClapError, RequestError
@@ -37,6 +38,26 @@ _QUERY_KEYS = ("sample_rate", "channels", "normalize", "long_clip", "reply")
 
 # ---- typed requests -------------------------------------------------------
 @dataclass(frozen=True)
+class Scoring:
+    """What to compute from a fresh embedding besides the embedding itself."""
+
+    prompts: tuple[str, ...] = ()
+    probs: bool = False
+    references: np.ndarray | None = None  # (r, 512), unit rows
+    top_k: int = 0
+    library: str | None = None
+    tags: tuple[str, ...] = ()
+    archive: str | None = None  # novelty against it
+    k: int = 15
+    archive_add: bool = False
+    ids: tuple | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prompts or self.references is not None or self.top_k or self.archive)
+
+
+@dataclass(frozen=True)
 class EmbedRequest:
     """Embed one buffer (``batch=False``) or several (``embed_batch``)."""
 
@@ -45,6 +66,43 @@ class EmbedRequest:
     reply: str = "json"
     id: Any = None
     batch: bool = False
+    scoring: Scoring = Scoring()
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    texts: tuple[str, ...]
+    id: Any = None
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Search a library by text, audio or an embedding; text + audio blends them."""
+
+    id: Any = None
+    text: str | None = None
+    buffers: list = field(default_factory=list)  # zero or one
+    spec: AudioSpec = AudioSpec()
+    embedding: np.ndarray | None = None
+    top_k: int = 10
+    alpha: float = 0.5
+    tags: tuple[str, ...] = ()
+    library: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchiveRequest:
+    """``archive_add``, ``novelty``, ``archive_search``, ``archive_info`` or ``archive_drop``."""
+
+    op: str
+    id: Any = None
+    archive: str | None = None
+    embeddings: np.ndarray | None = None  # (n, 512) unit rows, or audio below
+    buffers: list = field(default_factory=list)
+    spec: AudioSpec = AudioSpec()
+    ids: tuple | None = None
+    k: int = 15
+    top_k: int = 10
 
 
 @dataclass(frozen=True)
@@ -52,7 +110,7 @@ class InfoRequest:
     id: Any = None
 
 
-Request = Union[EmbedRequest, InfoRequest]
+Request = Union[EmbedRequest, TextRequest, SearchRequest, ArchiveRequest, InfoRequest]
 
 
 @dataclass(frozen=True)
@@ -70,36 +128,93 @@ class ConnectionDefaults:
 
 # ---- JSON message schemas (validation only) -------------------------------
 Rate = StrictFloat  # a JSON number (ints accepted); strings and booleans are refused
+Text = Annotated[StrictStr, Field(min_length=1, max_length=2000)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
-class _Options(BaseModel):
+class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
     id: Any = None
+
+
+class _Audio(_Message):
     sample_rate: Rate | None = None
     channels: StrictInt | None = Field(None, ge=1, le=64)
     normalize: Literal[NORMALIZE_MODES] | None = None  # type: ignore[valid-type]
     long_clip: Literal[LONG_CLIP_MODES] | None = None  # type: ignore[valid-type]
+
+
+class _Scoring(_Audio):
     reply: Literal[REPLY_FORMATS] | None = None  # type: ignore[valid-type]
+    prompts: list[Text] | None = Field(None, min_length=1)
+    probs: StrictBool = False
+    references: Any = None  # (r, 512) numbers, checked by _vectors
+    top_k: StrictInt | None = Field(None, ge=1, le=1000)
+    library: Name | None = None
+    tags: list[Name] | None = None
+    archive: Name | None = None
+    k: StrictInt = Field(15, ge=1, le=10_000)
+    archive_add: StrictBool = False
+    ids: list[Any] | None = None
 
 
-class _EmbedMessage(_Options):
+class _EmbedMessage(_Scoring):
     op: Literal["embed"] = "embed"
     audio_buffer: StrictStr
 
 
-class _EmbedBatchMessage(_Options):
+class _EmbedBatchMessage(_Scoring):
     op: Literal["embed_batch"]
     audio_buffers: list[StrictStr] = Field(min_length=1)
 
 
-class _InfoMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _EmbedTextMessage(_Message):
+    op: Literal["embed_text"]
+    texts: list[Text] = Field(min_length=1)
+
+
+class _SearchMessage(_Audio):
+    op: Literal["search"]
+    text: Text | None = None
+    audio_buffer: StrictStr | None = None
+    embedding: Any = None
+    top_k: StrictInt = Field(10, ge=1, le=1000)
+    alpha: StrictFloat = Field(0.5, ge=0.0, le=1.0)
+    tags: list[Name] | None = None
+    library: Name | None = None
+
+
+class _ArchiveMessage(_Audio):
+    op: Literal["archive_add", "novelty", "archive_search"]
+    archive: Name
+    embeddings: Any = None
+    embedding: Any = None
+    audio_buffer: StrictStr | None = None
+    audio_buffers: list[StrictStr] | None = Field(None, min_length=1)
+    ids: list[Any] | None = None
+    k: StrictInt = Field(15, ge=1, le=10_000)
+    top_k: StrictInt = Field(10, ge=1, le=1000)
+
+
+class _ArchiveInfoMessage(_Message):
+    op: Literal["archive_info"]
+    archive: Name | None = None
+
+
+class _ArchiveDropMessage(_Message):
+    op: Literal["archive_drop"]
+    archive: Name
+
+
+class _InfoMessage(_Message):
     op: Literal["info"]
-    id: Any = None
 
 
-_SCHEMAS = {"embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "info": _InfoMessage}
+_SCHEMAS = {"embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_text": _EmbedTextMessage,
+            "search": _SearchMessage, "archive_add": _ArchiveMessage, "novelty": _ArchiveMessage,
+            "archive_search": _ArchiveMessage, "archive_info": _ArchiveInfoMessage,
+            "archive_drop": _ArchiveDropMessage, "info": _InfoMessage}
+OPS = tuple(_SCHEMAS)
 
 
 def _rejected(code: str, message: str, request_id: Any = None) -> RequestError:
@@ -165,6 +280,47 @@ def parse_binary(data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:
     return EmbedRequest([data], defaults.spec, defaults.reply)
 
 
+def _vectors(value: Any, where: str, request_id: Any, single: bool = False) -> np.ndarray:
+    """JSON numbers -> (n, 512) float32 unit rows; anything else is ``bad_request``."""
+    array = np.asarray(value) if isinstance(value, list) else None
+    if single and array is not None:
+        array = array[None]
+    shape = "a list of 512 numbers" if single else "a list of lists of 512 numbers"
+    if array is None or array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[1] != 512 \
+            or len(array) == 0:
+        raise _rejected("bad_request", f"{where} must be {shape}", request_id)
+    array = array.astype(np.float32)
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    if not np.isfinite(array).all() or not np.isfinite(norms).all() or (norms == 0).any():
+        raise _rejected("bad_request", f"{where} must be finite, non-zero vectors", request_id)
+    return array / norms
+
+
+def _spec(msg: _Audio, defaults: ConnectionDefaults) -> AudioSpec:
+    return AudioSpec(
+        sample_rate=defaults.spec.sample_rate if msg.sample_rate is None else msg.sample_rate,
+        channels=msg.channels or 1,
+        normalize=msg.normalize or defaults.spec.normalize,
+        long_clip=msg.long_clip or defaults.spec.long_clip,
+    )
+
+
+def _buffers(msg, request_id: Any) -> list[bytes]:
+    if getattr(msg, "audio_buffers", None):
+        return [_b64(b, f"audio_buffers[{i}]", request_id) for i, b in enumerate(msg.audio_buffers)]
+    if getattr(msg, "audio_buffer", None) is not None:
+        return [_b64(msg.audio_buffer, "audio_buffer", request_id)]
+    return []
+
+
+def _too_many(data: dict, max_items: int, request_id: Any) -> None:
+    for key in ("audio_buffers", "embeddings", "texts", "prompts", "references"):
+        value = data.get(key)
+        if isinstance(value, list) and len(value) > max_items:
+            raise _rejected("too_many_items", f"{key} has {len(value)} items; this server takes at most "
+                            f"{max_items} per request", request_id)
+
+
 def parse_text(text: str | bytes, defaults: ConnectionDefaults, max_items: int) -> Request:
     """Validate one JSON message into a typed request."""
     try:
@@ -177,33 +333,65 @@ def parse_text(text: str | bytes, defaults: ConnectionDefaults, max_items: int) 
     op = data.get("op", "embed")
     schema = _SCHEMAS.get(op) if isinstance(op, str) else None
     if schema is None:
-        raise _rejected("unknown_op", f"unknown op {op!r}; known: {', '.join(_SCHEMAS)}", request_id)
-    if schema is _EmbedBatchMessage and isinstance(data.get("audio_buffers"), list) \
-            and len(data["audio_buffers"]) > max_items:
-        raise _rejected("too_many_items", f"audio_buffers has {len(data['audio_buffers'])} "
-                        f"items; this server takes at most {max_items} per request", request_id)
+        raise _rejected("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}", request_id)
+    _too_many(data, max_items, request_id)
     try:
         msg = schema.model_validate(data)
     except ValidationError as exc:
         raise _rejected("bad_request", _describe(exc), request_id) from None
     if isinstance(msg, _InfoMessage):
         return InfoRequest(msg.id)
-    spec = AudioSpec(
-        sample_rate=defaults.spec.sample_rate if msg.sample_rate is None else msg.sample_rate,
-        channels=msg.channels or 1,
-        normalize=msg.normalize or defaults.spec.normalize,
-        long_clip=msg.long_clip or defaults.spec.long_clip,
-    )
+    if isinstance(msg, _EmbedTextMessage):
+        return TextRequest(tuple(msg.texts), msg.id)
+    if isinstance(msg, (_ArchiveInfoMessage, _ArchiveDropMessage)):
+        return ArchiveRequest(msg.op, msg.id, msg.archive)
+    spec = _spec(msg, defaults)
     try:
         check_rate(spec.sample_rate)
     except ClapError as exc:
         exc.request_id = request_id
         raise
-    if isinstance(msg, _EmbedMessage):
-        buffers = [_b64(msg.audio_buffer, "audio_buffer", request_id)]
-    else:
-        buffers = [_b64(b, f"audio_buffers[{i}]", request_id) for i, b in enumerate(msg.audio_buffers)]
-    return EmbedRequest(buffers, spec, msg.reply or defaults.reply, msg.id, isinstance(msg, _EmbedBatchMessage))
+    buffers = _buffers(msg, request_id)
+    if isinstance(msg, _SearchMessage):
+        embedding = None if msg.embedding is None else _vectors(msg.embedding, "embedding", request_id, True)
+        if len(buffers) + (embedding is not None) > 1 or not (buffers or embedding is not None or msg.text):
+            raise _rejected("bad_request", "search needs text, and/or one of audio_buffer or embedding", request_id)
+        return SearchRequest(msg.id, msg.text, buffers, spec, embedding, msg.top_k, msg.alpha,
+                             tuple(msg.tags or ()), msg.library)
+    if isinstance(msg, _ArchiveMessage):
+        sources = [msg.embeddings is not None, msg.embedding is not None, bool(buffers)]
+        if sum(sources) != 1:
+            raise _rejected("bad_request", f"{msg.op} needs exactly one of embeddings, embedding, audio_buffer "
+                            "or audio_buffers", request_id)
+        vectors = None
+        if msg.embeddings is not None:
+            vectors = _vectors(msg.embeddings, "embeddings", request_id)
+        elif msg.embedding is not None:
+            vectors = _vectors(msg.embedding, "embedding", request_id, True)
+        count = len(vectors) if vectors is not None else len(buffers)
+        if msg.ids is not None and (msg.op != "archive_add" or len(msg.ids) != count):
+            raise _rejected("bad_request", f"ids must be given only with archive_add, one per item ({count})",
+                            request_id)
+        return ArchiveRequest(msg.op, msg.id, msg.archive, vectors, buffers, spec,
+                              None if msg.ids is None else tuple(msg.ids), msg.k, msg.top_k)
+    # embed / embed_batch
+    scoring = Scoring(
+        prompts=tuple(msg.prompts or ()), probs=msg.probs,
+        references=None if msg.references is None else _vectors(msg.references, "references", request_id),
+        top_k=msg.top_k or 0, library=msg.library, tags=tuple(msg.tags or ()), archive=msg.archive, k=msg.k,
+        archive_add=msg.archive_add, ids=None if msg.ids is None else tuple(msg.ids),
+    )
+    if msg.probs and not msg.prompts:
+        raise _rejected("bad_request", "probs needs prompts", request_id)
+    if msg.archive_add and not msg.archive:
+        raise _rejected("bad_request", "archive_add needs archive", request_id)
+    if scoring.ids is not None and (not msg.archive_add or len(scoring.ids) != len(buffers)):
+        raise _rejected("bad_request", "ids go with archive_add, one per audio buffer", request_id)
+    reply = msg.reply or defaults.reply
+    if reply == "binary" and scoring.active:
+        raise _rejected("bad_request", "binary replies carry embeddings only; ask for prompts, references, "
+                        "top_k or archive with reply=json", request_id)
+    return EmbedRequest(buffers, spec, reply, msg.id, isinstance(msg, _EmbedBatchMessage), scoring)
 
 
 # ---- replies --------------------------------------------------------------------
@@ -211,24 +399,30 @@ def _dumps(obj: dict) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def embedding_reply(request: EmbedRequest, embeddings: np.ndarray, *, model: str,
-                    seconds: float, queue_ms: float, model_ms: float) -> tuple[bytes, bool]:
-    """The reply frame for an embedding request, and whether it is text."""
+def embedding_reply(request: EmbedRequest, embeddings: np.ndarray, *, model: str, seconds: float,
+                    queue_ms: float, model_ms: float, extras: dict | None = None) -> tuple[bytes, bool]:
+    """The reply frame for an embedding request, and whether it is text.
+
+    ``extras`` holds per-clip lists (similarity, matches, novelty...); a
+    single ``embed`` reply carries each one's only element.
+    """
     if request.reply == "binary":
         return np.ascontiguousarray(embeddings, dtype="<f4").tobytes(), False
     body: dict[str, Any] = {"status": "OK"}
     if request.batch:
         body["embeddings"] = embeddings
         body["count"] = len(embeddings)
+        body.update(extras or {})
     else:
         body["embedding"] = body["features"] = embeddings[0]
+        body.update({key: values[0] for key, values in (extras or {}).items()})
     body.update(type="clap", model=model, time=seconds, extraction_time_ms=seconds * 1000,
                 queue_ms=queue_ms, model_ms=model_ms, id=request.id)
     return _dumps(body), True
 
 
-def info_reply(info: dict, request_id: Any) -> bytes:
-    return _dumps({"status": "OK", "op": "info", **info, "id": request_id})
+def ok_reply(op: str, body: dict, request_id: Any) -> bytes:
+    return _dumps({"status": "OK", "op": op, **body, "id": request_id})
 
 
 def error_reply(error: ClapError, request_id: Any = None) -> bytes:

@@ -1,11 +1,13 @@
 """The WebSocket server: connections in, batched model calls, replies out.
 
-:class:`ClapServer` is given a ready :class:`~clap_ws.model.ClapModel`; it
-builds nothing itself, so tests and benchmarks construct exactly the model
-they need. Per message the flow is one way:
+:class:`ClapServer` is given a ready :class:`~clap_ws.model.ClapModel` (and
+any libraries, archives and projection); it builds nothing itself, so tests
+and benchmarks construct exactly what they need. This module is the I/O half;
+:mod:`clap_ws.service` says what each request does. Per message the flow is
+one way:
 
-    frame -> protocol.parse_* -> audio.load/windows -> batcher.submit
-          -> (worker thread: inference) -> protocol.*_reply -> frame
+    frame -> protocol.parse_* -> service.dispatch (audio.load/windows -> batcher.submit)
+          -> (worker thread: inference) -> extras -> protocol.*_reply -> frame
 
 Each connection has a reader and a writer. The reader validates a message,
 prepares its audio and queues the work at once (so a full queue answers
@@ -29,6 +31,7 @@ import logging
 import signal
 import time
 from dataclasses import asdict, dataclass
+from typing import Awaitable
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -39,16 +42,17 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from . import __version__
-from .audio import load, windows
-from .batching import MicroBatcher
+from .archive import Archives
 from .errors import ClapError, ShuttingDown
-from .inference import AudioJob, Inference
+from .library import Library
 from .model import ClapModel
-from .protocol import (ConnectionDefaults, EmbedRequest, InfoRequest, embedding_reply, error_reply,
-                       info_reply, parse_binary, parse_query, parse_text)
+from .projection import Projection
+from .protocol import ConnectionDefaults, error_reply, parse_binary, parse_query, parse_text
+from .service import Service
 
 _log = logging.getLogger(__name__)
 PATHS = ("/", "/clap")
+DESCRIPTOR_PATH = "/clap-bd"  # replies add behavior_descriptor (needs --projection)
 MiB = 1 << 20
 
 
@@ -63,7 +67,7 @@ class ServerConfig:
     max_batch: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 1024
-    max_items: int = 256  # buffers per embed_batch request
+    max_items: int = 1024  # buffers, embeddings, texts or prompts per request
     max_frame_mb: float = 128.0
     max_pipeline: int = 64  # unanswered requests per connection before reading pauses
     max_connections: int = 1024
@@ -71,6 +75,8 @@ class ServerConfig:
     ping_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     warm_up: bool = True  # run one window through the model before listening
+    text_cache: int = 4096  # prompt embeddings kept (LRU)
+    archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
 
 
 def _ready(payload: bytes, text: bool = True) -> asyncio.Future:
@@ -79,22 +85,39 @@ def _ready(payload: bytes, text: bool = True) -> asyncio.Future:
     return future
 
 
+async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[bytes, bool]:
+    """Await a reply; any failure becomes an error reply for that request only."""
+    try:
+        return await work
+    except ClapError as exc:
+        return error_reply(exc, request_id), True
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        _log.exception("request failed")
+        return error_reply(ClapError(f"internal error: {exc}"), request_id), True
+
+
 class ClapServer:
     """Serve one resident model over WebSocket. Use ``async with`` or start/shutdown."""
 
-    def __init__(self, model: ClapModel, config: ServerConfig = ServerConfig()):
+    def __init__(self, model: ClapModel, config: ServerConfig = ServerConfig(), *,
+                 libraries: list[Library] = (), archives: Archives | None = None,
+                 projection: Projection | None = None):
         self.model = model
         self.config = config
-        self.batcher = MicroBatcher(
-            Inference(model, max_windows=config.max_batch),
-            max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-            on_start=model.warm_up if config.warm_up else None,
+        self.service = Service(
+            model, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
+            max_seconds=config.max_seconds, warm_up=config.warm_up, libraries=list(libraries),
+            archives=archives, projection=projection, text_cache=config.text_cache,
         )
+        self.batcher = self.service.batcher
         self.started = time.time()
         self._server: Server | None = None
         self._pending: dict[ServerConnection, asyncio.Queue] = {}
         self._draining = False
         self._watchdog: asyncio.Task | None = None
+        self._flusher: asyncio.Task | None = None
         self.port = config.port
 
     # ---- life cycle ---------------------------------------------------------
@@ -109,6 +132,7 @@ class ClapServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
+        self._flusher = asyncio.create_task(self._flush_archives())
         model = self.model.describe()
         _log.info("clap-ws %s listening on ws://%s:%d/clap", __version__, self.config.host, self.port)
         _log.info("model: %s | %s | device %s | precision %s | text %s", model["model"],
@@ -133,9 +157,10 @@ class ClapServer:
         for connection in list(self._pending):
             await connection.close(1001, "server shutting down")
         await self._server.wait_closed()
-        if self._watchdog:
-            self._watchdog.cancel()
-        await asyncio.to_thread(self.batcher.stop, 10)
+        for task in (self._watchdog, self._flusher):
+            if task:
+                task.cancel()
+        await asyncio.to_thread(self.service.close)  # finishes queued work, writes archives
         _log.info("clap-ws stopped: %d batches, %d items served", self.batcher.batches, self.batcher.items)
 
     async def __aenter__(self) -> "ClapServer":
@@ -151,16 +176,22 @@ class ClapServer:
                 _log.error("inference worker died; restarting it")
                 self.batcher.start()
 
+    async def _flush_archives(self) -> None:
+        while self.service.archives.directory is not None:
+            await asyncio.sleep(self.config.archive_flush_s)
+            try:
+                await self.service.flush_archives()
+            except Exception:
+                _log.exception("writing archives failed; will retry")
+
     # ---- introspection --------------------------------------------------------
     def info(self) -> dict:
+        return {**self.service.info(), **self._server_info()}
+
+    def _server_info(self) -> dict:
         return {
-            **self.model.describe(),
             "version": __version__,
             "sample_rate": self.config.sample_rate,
-            "queue_depth": self.batcher.depth,
-            "batches": self.batcher.batches,
-            "items": self.batcher.items,
-            "dropped": self.batcher.dropped,
             "connections": len(self._pending),
             "uptime_s": round(time.time() - self.started, 3),
             "config": asdict(self.config),
@@ -183,8 +214,10 @@ class ClapServer:
     # ---- connections ------------------------------------------------------------
     async def _connection(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path)
-        if url.path not in PATHS:
-            error = ClapError(f"unknown path {url.path!r}; connect to /clap", code="not_found")
+        descriptor = url.path == DESCRIPTOR_PATH
+        if url.path not in PATHS and not (descriptor and self.service.projection is not None):
+            hint = " (this server has no --projection)" if descriptor else ""
+            error = ClapError(f"unknown path {url.path!r}{hint}; connect to /clap", code="not_found")
             await ws.send(error_reply(error), text=True)
             await ws.close(4404, "unknown path")
             return
@@ -197,7 +230,7 @@ class ClapServer:
         writer = asyncio.create_task(self._write(ws, pending))
         try:
             async for message in ws:
-                await pending.put(self._accept(message, defaults))
+                await pending.put(self._accept(message, defaults, descriptor))
         except ConnectionClosed:
             pass
         finally:
@@ -215,10 +248,13 @@ class ClapServer:
                 await ws.send(payload, text=text)
             except ConnectionClosed:
                 return
+            except Exception:  # a bug must cost one reply, never the connection's writer
+                _log.exception("could not send a reply")
+                await ws.send(error_reply(ClapError("internal error while replying")), text=True)
             finally:
                 pending.task_done()
 
-    def _accept(self, message: str | bytes, defaults: ConnectionDefaults) -> asyncio.Future:
+    def _accept(self, message: str | bytes, defaults: ConnectionDefaults, descriptor: bool) -> asyncio.Future:
         """Validate a message and queue its work; return the future of its reply frame."""
         received = time.perf_counter()
         request_id = None
@@ -230,53 +266,26 @@ class ClapServer:
             else:
                 request = parse_binary(message, defaults)
             request_id = request.id
-            if isinstance(request, InfoRequest):
-                return _ready(info_reply(self.info(), request.id))
-            job = AudioJob([self._prepare(request, i) for i in range(len(request.buffers))])
-            future = self.batcher.submit(job)
-            return asyncio.ensure_future(self._finish(request, future, received))
+            work = self.service.dispatch(request, received, descriptor, self._server_info)
+            return asyncio.ensure_future(_guarded(work, request_id))
         except ClapError as exc:
             return _ready(error_reply(exc, request_id))
         except Exception:
             _log.exception("unexpected error handling a message")
             return _ready(error_reply(ClapError("internal server error"), request_id))
 
-    def _prepare(self, request: EmbedRequest, index: int):
-        try:
-            clip = load(request.buffers[index], request.spec, self.config.max_seconds)
-        except ClapError as exc:
-            if request.batch:
-                exc.args = (f"audio_buffers[{index}]: {exc.message}",)
-            raise
-        return windows(clip, request.spec.long_clip)
 
-    async def _finish(self, request: EmbedRequest, future: asyncio.Future, received: float):
-        try:
-            result = await future
-        except ClapError as exc:
-            return error_reply(exc, request.id), True
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            _log.error("inference failed: %r", exc)
-            return error_reply(ClapError(f"internal error during inference: {exc}"), request.id), True
-        return embedding_reply(
-            request, result.embeddings, model=self.model.identity.name,
-            seconds=time.perf_counter() - received, queue_ms=result.queue_ms, model_ms=result.model_ms,
-        )
-
-
-async def serve_until_signalled(model: ClapModel, config: ServerConfig) -> None:
+async def serve_until_signalled(model: ClapModel, config: ServerConfig, **parts) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with ClapServer(model, config):
+    async with ClapServer(model, config, **parts):
         await stop.wait()
         _log.info("signal received: finishing in-flight requests")
 
 
-def run(model: ClapModel, config: ServerConfig) -> None:
-    """Blocking entry point used by ``clap-ws serve``."""
-    asyncio.run(serve_until_signalled(model, config))
+def run(model: ClapModel, config: ServerConfig, **parts) -> None:
+    """Blocking entry point used by ``clap-ws serve`` (parts: libraries, archives, projection)."""
+    asyncio.run(serve_until_signalled(model, config, **parts))

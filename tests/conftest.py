@@ -12,6 +12,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import asyncio
 import contextlib
 import json
 from pathlib import Path
@@ -89,8 +90,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_server(model: ClapModel, **options):
-    server = ClapServer(model, ServerConfig(port=0, **options))
+async def running_server(model: ClapModel, *, libraries=(), archives=None, projection=None, **options):
+    server = ClapServer(model, ServerConfig(port=0, **options), libraries=libraries, archives=archives,
+                        projection=projection)
     await server.start()
     try:
         yield server
@@ -112,7 +114,10 @@ def connect(server, path: str = "/clap", query: str = "", **kw):
     return websockets.connect(url(server, path, query), max_size=None, **kw)
 
 
+REPLY_TIMEOUT = 120  # seconds: a test waiting longer has found a lost reply
+
+
 async def ask(ws, message) -> dict:
     """Send one message and parse the (text) reply."""
     await ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
-    return json.loads(await ws.recv())
+    return json.loads(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT))

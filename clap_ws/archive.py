@@ -1,0 +1,133 @@
+"""Named archives of embeddings, and novelty against them, for evolution runs.
+
+A quality-diversity loop keeps an archive of what it has found and scores a
+new sound by how far it is from its k nearest archived neighbours. Here an
+archive is a named set of unit embeddings with caller-chosen ids, searched
+exactly (FAISS ``IndexFlatIP``: archives grow by a few hundred items per
+generation and exact novelty is what the algorithms assume).
+
+Novelty of a query = the mean cosine distance (1 - cosine) to its k nearest
+archived items. Asking for more neighbours than the archive holds is an
+error (``k_too_large``), not a silently different quantity.
+
+With a directory (``--archive-dir``) archives persist as one ``.npz`` file
+each, written atomically; :meth:`Archives.flush` writes those changed since
+the last flush (the server calls it every few seconds and at shutdown), and
+the directory is read back at start-up so a run survives a restart.
+
+Not thread-safe: the server runs every archive operation on one executor
+thread.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ClapError
+from .index import VectorIndex, unit
+from .storage import read_npz, write_npz
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ArchiveError(ClapError):
+    code = "archive_error"
+
+
+class Archive:
+    def __init__(self, name: str, vectors: np.ndarray | None = None, ids: list | None = None,
+                 created: float | None = None):
+        self.name = name
+        self.index = VectorIndex(vectors, "flat")
+        self.ids: list[Any] = list(ids or [])
+        self.created = created or time.time()
+        self.dirty = False
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, vectors: np.ndarray, ids: list | None) -> None:
+        if ids is not None and len(ids) != len(vectors):
+            raise ArchiveError(f"{len(ids)} ids for {len(vectors)} embeddings", code="bad_request")
+        start = len(self)
+        self.index.add(unit(vectors))
+        self.ids.extend(ids if ids is not None else range(start, start + len(vectors)))
+        self.dirty = True
+
+    def _check_k(self, k: int) -> None:
+        if k > len(self):
+            raise ArchiveError(f"k={k} is larger than archive {self.name!r}, which holds {len(self)} items",
+                               code="k_too_large")
+
+    def novelty(self, queries: np.ndarray, k: int) -> list[float]:
+        self._check_k(k)
+        scores, _ = self.index.search(unit(queries), k)
+        return (1.0 - scores.astype(np.float64)).mean(axis=1).tolist()
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[dict]]:
+        k = min(k, len(self))
+        scores, rows = self.index.search(unit(queries), k)
+        return [[{"id": self.ids[i], "score": float(s)} for s, i in zip(rs, ri)] for rs, ri in zip(scores, rows)]
+
+    def describe(self) -> dict:
+        return {"archive": self.name, "count": len(self), "dimension": 512, "created": self.created}
+
+
+class Archives:
+    """The server's named archives, optionally persisted in a directory."""
+
+    def __init__(self, directory: str | Path | None = None, max_archives: int = 1024):
+        self.directory = Path(directory) if directory else None
+        self.max_archives = max_archives
+        self._archives: dict[str, Archive] = {}
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(self.directory.glob("*.npz")):
+                self._archives[path.stem] = self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> Archive:
+        meta, arrays = read_npz(path)
+        return Archive(path.stem, arrays["embeddings"], meta["ids"], meta.get("created"))
+
+    def names(self) -> list[str]:
+        return sorted(self._archives)
+
+    def get(self, name: str, create: bool = False) -> Archive:
+        if not NAME.match(name):
+            raise ArchiveError(f"archive name {name!r} must be 1-64 letters, digits, '.', '_' or '-'",
+                               code="bad_request")
+        archive = self._archives.get(name)
+        if archive is None:
+            if not create:
+                raise ArchiveError(f"no archive named {name!r} (known: {', '.join(self.names()) or 'none'})",
+                                   code="unknown_archive")
+            if len(self._archives) >= self.max_archives:
+                raise ArchiveError(f"this server holds at most {self.max_archives} archives", code="too_many_items")
+            archive = self._archives[name] = Archive(name)
+        return archive
+
+    def drop(self, name: str) -> int:
+        archive = self.get(name)
+        del self._archives[name]
+        if self.directory:
+            (self.directory / f"{name}.npz").unlink(missing_ok=True)
+        return len(archive)
+
+    def flush(self) -> int:
+        """Write archives changed since the last flush; returns how many were written."""
+        if not self.directory:
+            return 0
+        written = 0
+        for archive in list(self._archives.values()):
+            if archive.dirty:
+                meta = {"ids": archive.ids, "created": archive.created}
+                write_npz(self.directory / f"{archive.name}.npz", meta, embeddings=archive.index.vectors)
+                archive.dirty = False
+                written += 1
+        return written

@@ -1,0 +1,272 @@
+"""What each request does, independent of sockets.
+
+:class:`Service` owns the model's batcher, the prompt cache, the loaded
+libraries, the archives and the optional projection. The server hands it one
+validated request at a time (:meth:`Service.dispatch`), and gets back an
+awaitable that yields the reply frame.
+
+``dispatch`` does all the synchronous work first - checks that named
+libraries exist, prepares audio, queues model work - so a full queue answers
+``busy`` at once and work is queued in the order requests arrived. The
+awaitable then gathers the model's results and computes the extras.
+
+Library and archive work (FAISS searches, adds, novelty) runs on one
+dedicated thread: it never blocks the event loop, and it needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from .archive import Archives
+from .audio import load, windows
+from .batching import MicroBatcher
+from .errors import ClapError, TextUnavailable
+from .index import unit
+from .inference import AudioJob, Inference, TextJob
+from .library import Library, model_identity
+from .model import ClapModel
+from .projection import Projection
+from .protocol import (ArchiveRequest, EmbedRequest, InfoRequest, SearchRequest, TextRequest, embedding_reply,
+                       ok_reply)
+from .similarity import TextCache, cosine_matrix, softmax_probs
+
+_log = logging.getLogger(__name__)
+Reply = tuple[bytes, bool]
+
+
+class Service:
+    """The application: embeddings, similarity, libraries, archives."""
+
+    def __init__(self, model: ClapModel, *, max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 1024,
+                 max_seconds: float = 60.0, warm_up: bool = True, libraries: list[Library] = (),
+                 archives: Archives | None = None, projection: Projection | None = None,
+                 text_cache: int = 4096):
+        self.model = model
+        self.max_seconds = max_seconds
+        self.batcher = MicroBatcher(
+            Inference(model, max_windows=max_batch), max_batch=max_batch, max_wait_ms=max_wait_ms,
+            max_queue=max_queue, on_start=model.warm_up if warm_up else None,
+        )
+        identity = model_identity(model)
+        for library in libraries:
+            library.check_model(identity)
+        self.libraries = {lib.name: lib for lib in libraries}
+        self.archives = archives or Archives()
+        self.projection = projection
+        self.text_cache = TextCache(text_cache)
+        self.text_model_calls = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index")
+
+    def close(self) -> None:
+        self.batcher.stop(10)
+        self._pool.submit(self.archives.flush).result()
+        self._pool.shutdown()
+
+    async def flush_archives(self) -> int:
+        return await self._in_pool(self.archives.flush)
+
+    async def _in_pool(self, fn: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ---- dispatch ---------------------------------------------------------------------
+    def dispatch(self, request, received: float, descriptor: bool = False,
+                 extra_info: Callable[[], dict] | None = None) -> Awaitable[Reply]:
+        if isinstance(request, EmbedRequest):
+            return self._embed(request, received, descriptor)
+        if isinstance(request, TextRequest):
+            return self._embed_text(request, received)
+        if isinstance(request, SearchRequest):
+            return self._search(request)
+        if isinstance(request, ArchiveRequest):
+            return self._archive(request)
+        if isinstance(request, InfoRequest):
+            return _done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
+        raise TypeError(f"unhandled request {type(request).__name__}")
+
+    # ---- building blocks (synchronous part) -------------------------------------------
+    def _audio(self, buffers: list, spec, name: str = "audio_buffers") -> asyncio.Future:
+        clips = []
+        for i, data in enumerate(buffers):
+            try:
+                clips.append(windows(load(data, spec, self.max_seconds), spec.long_clip))
+            except ClapError as exc:
+                if len(buffers) > 1:
+                    exc.args = (f"{name}[{i}]: {exc.message}",)
+                raise
+        return self.batcher.submit(AudioJob(clips))
+
+    def _texts(self, texts) -> Callable[[], Awaitable[np.ndarray]]:
+        """Queue the uncached texts now; the returned coroutine function yields (n, 512)."""
+        if self.model.tokenizer is None:
+            self.model.embed_text([])  # raises TextUnavailable with the full explanation
+        found, missing = self.text_cache.lookup(texts)
+        future = self.batcher.submit(TextJob(missing)) if missing else None
+
+        async def gather() -> np.ndarray:
+            if future is not None:
+                fresh = (await future).embeddings
+                self.text_model_calls += 1
+                self.text_cache.store(missing, fresh)
+                found.update(zip(missing, fresh))
+            return np.stack([found[t] for t in texts])
+
+        return gather
+
+    def _library(self, name: str | None) -> list[Library]:
+        if not self.libraries:
+            raise ClapError("no library is loaded; start the server with --library FILE", code="no_library")
+        if name is None:
+            return list(self.libraries.values())
+        if name not in self.libraries:
+            raise ClapError(f"no library named {name!r} (loaded: {', '.join(self.libraries)})",
+                            code="unknown_library")
+        return [self.libraries[name]]
+
+    @staticmethod
+    def _search_libraries(libraries: list[Library], queries: np.ndarray, k: int, tags) -> list[list[dict]]:
+        per_query = [[] for _ in range(len(queries))]
+        for library in libraries:
+            for row, matches in zip(per_query, library.search(queries, k, list(tags))):
+                row.extend(matches)
+        return [sorted(row, key=lambda m: -m["score"])[:k] for row in per_query]
+
+    # ---- ops ------------------------------------------------------------------------------
+    def _embed(self, req: EmbedRequest, received: float, descriptor: bool) -> Awaitable[Reply]:
+        sc = req.scoring
+        libraries = self._library(sc.library) if sc.top_k else []
+        if sc.archive and not sc.archive_add:
+            self.archives.get(sc.archive)  # unknown archive: say so now
+        audio = self._audio(req.buffers, req.spec)
+        prompts = self._texts(sc.prompts) if sc.prompts else None
+
+        async def finish() -> Reply:
+            result = await audio
+            emb = result.embeddings
+            extras: dict[str, list] = {}
+            if prompts is not None:
+                cos = cosine_matrix(emb, await prompts())
+                extras["similarity"] = [dict(zip(sc.prompts, row)) for row in cos.tolist()]
+                if sc.probs:
+                    p = softmax_probs(cos, self.model.logit_scale)
+                    extras["probs"] = [dict(zip(sc.prompts, row)) for row in p.tolist()]
+            if sc.references is not None:
+                extras["reference_similarity"] = cosine_matrix(emb, sc.references).tolist()
+            if libraries:
+                extras["matches"] = await self._in_pool(self._search_libraries, libraries, emb, sc.top_k, sc.tags)
+            if sc.archive:
+                extras.update(await self._in_pool(self._novelty_and_add, sc, emb))
+            if descriptor and self.projection is not None:
+                extras["behavior_descriptor"] = self.projection(emb).tolist()
+            return embedding_reply(req, emb, model=self.model.identity.name, seconds=time.perf_counter() - received,
+                                   queue_ms=result.queue_ms, model_ms=result.model_ms, extras=extras)
+
+        return finish()
+
+    def _novelty_and_add(self, sc, emb: np.ndarray) -> dict[str, list]:
+        """Novelty against the archive as it was, then (if asked) add these sounds.
+
+        Unlike the ``novelty`` op, an archive with fewer than k items gives
+        ``null`` novelty here instead of an error, so a loop can seed a new
+        archive with the same message it uses every generation.
+        """
+        archive = self.archives.get(sc.archive, create=sc.archive_add)
+        novelty = archive.novelty(emb, sc.k) if len(archive) >= sc.k else [None] * len(emb)
+        if sc.archive_add:
+            archive.add(emb, list(sc.ids) if sc.ids is not None else None)
+        return {"novelty": novelty, "archive_count": [len(archive)] * len(emb)}
+
+    def _embed_text(self, req: TextRequest, received: float) -> Awaitable[Reply]:
+        cached_before = sum(t in self.text_cache for t in set(req.texts))
+        gather = self._texts(req.texts)
+
+        async def finish() -> Reply:
+            emb = await gather()
+            return _ok("embed_text", {"embeddings": emb, "count": len(emb), "cached": cached_before,
+                                           "model": self.model.identity.name,
+                                           "time": time.perf_counter() - received}, req.id)
+
+        return finish()
+
+    def _search(self, req: SearchRequest) -> Awaitable[Reply]:
+        libraries = self._library(req.library)
+        text = self._texts([req.text]) if req.text else None
+        audio = self._audio(req.buffers, req.spec) if req.buffers else None
+
+        async def finish() -> Reply:
+            sound = (await audio).embeddings[0] if audio is not None else \
+                (req.embedding[0] if req.embedding is not None else None)
+            words = (await text())[0] if text is not None else None
+            if words is not None and sound is not None:
+                query = unit(req.alpha * unit(words) + (1 - req.alpha) * unit(sound))
+            else:
+                query = words if words is not None else sound
+            matches = await self._in_pool(self._search_libraries, libraries, query[None], req.top_k, req.tags)
+            return _ok("search", {"matches": matches[0], "model": self.model.identity.name}, req.id)
+
+        return finish()
+
+    def _archive(self, req: ArchiveRequest) -> Awaitable[Reply]:
+        archives = self.archives
+        if req.op == "archive_info":
+            work = (lambda: archives.get(req.archive).describe()) if req.archive else \
+                (lambda: {"archives": [archives.get(n).describe() for n in archives.names()]})
+        elif req.op == "archive_drop":
+            work = lambda: {"archive": req.archive, "dropped": archives.drop(req.archive)}  # noqa: E731
+        else:
+            if req.op != "archive_add":
+                archives.get(req.archive)  # unknown archive: say so before any model work
+            audio = self._audio(req.buffers, req.spec) if req.buffers else None
+            work = None
+
+        async def finish() -> Reply:
+            if work is not None:
+                return _ok(req.op, await self._in_pool(work), req.id)
+            vectors = (await audio).embeddings if audio is not None else req.embeddings
+            body = await self._in_pool(self._archive_op, req, vectors)
+            return _ok(req.op, body, req.id)
+
+        return finish()
+
+    def _archive_op(self, req: ArchiveRequest, vectors: np.ndarray) -> dict:
+        archive = self.archives.get(req.archive, create=req.op == "archive_add")
+        if req.op == "archive_add":
+            archive.add(vectors, list(req.ids) if req.ids is not None else None)
+            return {"archive": archive.name, "added": len(vectors), "count": len(archive)}
+        if req.op == "novelty":
+            return {"archive": archive.name, "k": req.k, "novelty": archive.novelty(vectors, req.k),
+                    "count": len(archive)}
+        return {"archive": archive.name, "matches": archive.search(vectors, req.top_k), "count": len(archive)}
+
+    # ---- introspection --------------------------------------------------------------------
+    def info(self) -> dict:
+        return {
+            **self.model.describe(),
+            "queue_depth": self.batcher.depth,
+            "batches": self.batcher.batches,
+            "items": self.batcher.items,
+            "dropped": self.batcher.dropped,
+            "text_model_calls": self.text_model_calls,
+            "text_cache": self.text_cache.describe(),
+            "libraries": [{"name": lib.name, "count": len(lib), "index": lib.index.kind, "root": lib.root}
+                          for lib in self.libraries.values()],
+            "archives": len(self.archives.names()),
+            "projection": None if self.projection is None else
+            {"source": self.projection.source, "dimensions": self.projection.dims},
+        }
+
+
+def _ok(op: str, body: dict, request_id: Any) -> Reply:
+    return ok_reply(op, body, request_id), True
+
+
+def _done(reply: Reply) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future

@@ -1,0 +1,75 @@
+"""Similarity math and the prompt-embedding cache.
+
+One cosine function serves the server and the Python API
+(:meth:`clap_ws.CLAPExtractor.compute_similarity`), in float64, so the two
+agree to rounding. ``probs`` is CLAP's zero-shot classification: a softmax
+over prompts of cosine times the model's learnt logit scale.
+
+:class:`TextCache` is an LRU of prompt embeddings: an evolution loop sends
+the same few prompts with every sound, and a cached prompt costs no model
+call at all.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+
+def cosine_matrix(a, b) -> np.ndarray:
+    """(n, m) cosine similarities between rows of ``a`` and rows of ``b`` (float64)."""
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def softmax_probs(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
+    logits = cosines * logit_scale
+    logits = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class TextCache:
+    """Least-recently-used map from text to its embedding."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._items: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self._items
+
+    def lookup(self, texts) -> tuple[dict[str, np.ndarray], list[str]]:
+        """(cached embeddings by text, distinct texts still to embed)."""
+        found, missing = {}, []
+        for text in dict.fromkeys(texts):
+            vec = self._items.get(text)
+            if vec is None:
+                missing.append(text)
+                self.misses += 1
+            else:
+                self._items.move_to_end(text)
+                found[text] = vec
+                self.hits += 1
+        return found, missing
+
+    def store(self, texts, vectors: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        for text, vec in zip(texts, vectors):
+            self._items[text] = vec
+            self._items.move_to_end(text)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def describe(self) -> dict:
+        return {"size": len(self), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}

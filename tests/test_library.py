@@ -1,0 +1,252 @@
+"""Libraries: real audio files, real FAISS indexes, builds killed with SIGKILL, searches over a real server."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import ROOT, ask, chirp, connect, cosine, noise, running_server, tone
+
+from clap_ws.errors import ModelError
+from clap_ws.extractor import CLAPExtractor
+from clap_ws.index import VectorIndex, unit
+from clap_ws.library import Library, build, scan
+
+
+def b64(x):
+    return base64.b64encode(np.asarray(x, "<f4").tobytes()).decode()
+
+
+def write_sounds(root, n_kicks=3, n_pads=3):
+    """A small folder of real files in every supported format, nested, plus two bad ones."""
+    (root / "drums" / "kicks").mkdir(parents=True)
+    (root / "pads").mkdir()
+    sr = 22050
+    t = np.arange(sr) / sr
+    for i in range(n_kicks):
+        sf.write(root / "drums" / "kicks" / f"kick{i}.wav", (0.8 * np.sin(2 * np.pi * (50 + 15 * i) * t) * np.exp(-6 * t)).astype("f4"), sr)
+    for i in range(n_pads):
+        sf.write(root / "pads" / f"pad{i}.flac", (0.3 * np.sin(2 * np.pi * (220 * (i + 1)) * t)).astype("f4"), sr)
+    sf.write(root / "pads" / "wide.ogg", 0.1 * np.random.default_rng(0).standard_normal((sr, 2)).astype("f4"), sr)
+    sf.write(root / "noise.mp3", 0.1 * np.random.default_rng(1).standard_normal(sr).astype("f4"), sr)
+    sf.write(root / "bell.aiff", chirp(sr=sr, seconds=1), sr, subtype="PCM_16")
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file")
+    sf.write(root / "silent-empty.wav", np.zeros(0, "f4"), sr)
+    (root / "notes.txt").write_text("not audio")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sounds")
+    write_sounds(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def library_file(model, folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lib") / "sounds.npz"
+    report = build(model, folder, out, batch=4, progress=False)
+    assert report.embedded == 9 and report.total == 9
+    return out
+
+
+def test_build_reads_every_format_and_lists_what_it_skipped(model, folder, tmp_path):
+    report = build(model, folder, tmp_path / "lib.npz", batch=4, progress=False)
+    assert (report.embedded, report.reused, report.dropped) == (9, 0, 0)
+    assert sorted(p for p, _ in report.skipped) == ["broken.wav", "silent-empty.wav"]
+    reasons = dict(report.skipped)
+    assert "unreadable" in reasons["broken.wav"] and "empty" in reasons["silent-empty.wav"]
+    lib = Library.load(tmp_path / "lib.npz")
+    by_path = {item["path"]: item for item in lib.items}
+    assert set(by_path) == {"drums/kicks/kick0.wav", "drums/kicks/kick1.wav", "drums/kicks/kick2.wav",
+                            "pads/pad0.flac", "pads/pad1.flac", "pads/pad2.flac", "pads/wide.ogg",
+                            "noise.mp3", "bell.aiff"}
+    kick = by_path["drums/kicks/kick0.wav"]
+    assert kick["tags"] == ["drums", "kicks"] and kick["sample_rate"] == 22050 and kick["channels"] == 1
+    assert kick["duration"] == pytest.approx(1.0) and len(kick["sha256"]) == 64
+    assert by_path["pads/wide.ogg"]["channels"] == 2 and by_path["bell.aiff"]["tags"] == []
+    assert lib.model["name"] == "untrained" and lib.index.kind == "flat"
+    assert not (tmp_path / "lib.npz.journal").exists()
+    # each embedding is the file's own, as the Python API computes it
+    data, sr = sf.read(folder / "drums" / "kicks" / "kick1.wav", dtype="float32")
+    expected = CLAPExtractor(model=model).extract_embedding(data, sample_rate=sr)
+    row = [i for i, item in enumerate(lib.items) if item["path"] == "drums/kicks/kick1.wav"][0]
+    np.testing.assert_allclose(lib.embeddings[row], expected, atol=1e-5)
+
+
+def test_incremental_build_embeds_only_what_changed(model, tmp_path):
+    root = tmp_path / "sounds"
+    root.mkdir()
+    write_sounds(root)
+    out = tmp_path / "lib.npz"
+    build(model, root, out, batch=4, progress=False)
+    before = Library.load(out)
+    sf.write(root / "pads" / "new.wav", tone(880, sr=16000, seconds=1), 16000)  # new
+    sf.write(root / "pads" / "pad1.flac", noise(sr=22050, seconds=1, seed=7), 22050)  # changed
+    (root / "noise.mp3").unlink()  # deleted
+    os.utime(root / "bell.aiff", ns=(1, 1))  # touched only: same content, new mtime
+    report = build(model, root, out, batch=4, progress=False)
+    assert (report.embedded, report.dropped, report.reused, report.total) == (2, 1, 7, 9)
+    after = Library.load(out)
+    paths = [item["path"] for item in after.items]
+    assert "pads/new.wav" in paths and "noise.mp3" not in paths and len(set(paths)) == len(paths)
+    old = {item["path"]: vec for item, vec in zip(before.items, before.embeddings)}
+    new = {item["path"]: vec for item, vec in zip(after.items, after.embeddings)}
+    assert np.array_equal(old["drums/kicks/kick0.wav"], new["drums/kicks/kick0.wav"])
+    assert cosine(old["pads/pad1.flac"], new["pads/pad1.flac"]) < 0.9999
+    report = build(model, root, out, batch=4, progress=False)  # nothing changed: nothing embedded
+    assert (report.embedded, report.reused) == (0, 9)
+
+
+def test_build_killed_with_sigkill_resumes_without_loss_or_duplicates(model, tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(36):
+        sf.write(root / f"s{i:02d}.wav", noise(sr=16000, seconds=0.5, seed=i), 16000)
+    out = tmp_path / "lib.npz"
+    journal = tmp_path / "lib.npz.journal"
+    cmd = [sys.executable, "-m", "clap_ws", "--log-level", "WARNING", "library", "build", str(root), "--out",
+           str(out), "--untrained", "--batch", "2", "--no-progress"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while len(list(journal.glob("chunk-*.npz"))) < 3:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing half-written where a library should be
+    done_before = len(list(journal.glob("chunk-*.npz"))) * 2
+    assert 6 <= done_before < 36
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout
+    resumed = int(summary.split("resumed ")[1].split(",")[0])
+    embedded = int(summary.split("embedded ")[1].split(",")[0])
+    assert resumed == done_before and resumed + embedded == 36
+    lib = Library.load(out)
+    paths = [item["path"] for item in lib.items]
+    assert sorted(paths) == [f"s{i:02d}.wav" for i in range(36)]  # none lost, none twice
+    clean = tmp_path / "clean.npz"
+    build(model, root, clean, batch=8, progress=False)
+    np.testing.assert_allclose(Library.load(clean).embeddings, lib.embeddings, atol=1e-5)
+
+
+def test_library_from_another_model_is_refused(model, library_file, tmp_path):
+    lib = Library.load(library_file)
+    lib.model = {**lib.model, "seed": 123}
+    lib.save(tmp_path / "other.npz")
+    other = Library.load(tmp_path / "other.npz")
+    with pytest.raises(ModelError, match="was built with untrained .*seed 123.* but this server runs untrained"):
+        other.check_model({"name": "untrained", "sha256": None, "seed": 0, "architecture": "HTSAT-tiny"})
+    from clap_ws.server import ClapServer
+
+    with pytest.raises(ModelError, match="cannot be compared"):
+        ClapServer(model, libraries=[other])
+
+
+def test_hnsw_recall_at_10_on_a_synthetic_100k_library():
+    """Embeddings with a low intrinsic dimension, as CLAP's are; queries near, not on, items."""
+    rng = np.random.default_rng(0)
+    latent, n = 24, 100_000
+    basis = rng.standard_normal((latent, 512)).astype("f4")
+    z = rng.standard_normal((n, latent)).astype("f4")
+    vectors = unit(z @ basis + 0.15 * np.sqrt(latent) * rng.standard_normal((n, 512)).astype("f4"))
+    picks = rng.integers(0, n, 200)
+    queries = unit((z[picks] + 0.3 * rng.standard_normal((200, latent)).astype("f4")) @ basis)
+    exact = VectorIndex(vectors, "flat").search(queries, 10)[1]
+    approx = VectorIndex(vectors, "hnsw").search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
+    assert recall >= 0.95, recall
+
+
+def test_hnsw_library_round_trip_and_filtered_search(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.standard_normal((3000, 512)))
+    items = [{"path": f"x{i}.wav", "tags": ["even" if i % 2 == 0 else "odd"]} for i in range(3000)]
+    model = {"name": "untrained", "sha256": None, "seed": 0, "architecture": "HTSAT-tiny"}
+    Library("syn", model, items, VectorIndex(vectors, "hnsw")).save(tmp_path / "syn.npz")
+    lib = Library.load(tmp_path / "syn.npz")
+    assert lib.index.kind == "hnsw" and len(lib) == 3000
+    (top,) = lib.search(vectors[7], 5)
+    assert top[0]["path"] == "x7.wav" and top[0]["score"] == pytest.approx(1, abs=1e-5)
+    (only_even,) = lib.search(vectors[7], 5, tags=["even"])
+    assert len(only_even) == 5 and all(m["tags"] == ["even"] for m in only_even)
+    assert only_even[0]["score"] == pytest.approx(max(vectors[::2] @ vectors[7]), abs=1e-5)
+
+
+# ---- over the wire -----------------------------------------------------------------------------
+@pytest.fixture
+async def lib_server(model, library_file):
+    async with running_server(model, libraries=[Library.load(library_file)]) as server:
+        yield server
+
+
+async def test_search_by_embedding_audio_text_and_hybrid(lib_server, folder, library_file):
+    lib = Library.load(library_file)
+    row = [i for i, it in enumerate(lib.items) if it["path"] == "pads/pad2.flac"][0]
+    data, sr = sf.read(folder / "pads" / "pad2.flac", dtype="float32")
+    async with connect(lib_server) as ws:
+        by_vec = await ask(ws, {"op": "search", "embedding": lib.embeddings[row].tolist(), "top_k": 3, "id": 1})
+        by_audio = await ask(ws, {"op": "search", "audio_buffer": b64(data), "sample_rate": sr, "top_k": 3})
+        by_text = await ask(ws, {"op": "search", "text": "a soft pad", "top_k": 9})
+        only_text = await ask(ws, {"op": "search", "text": "a soft pad", "audio_buffer": b64(data),
+                                   "sample_rate": sr, "alpha": 1.0, "top_k": 9})
+        only_audio = await ask(ws, {"op": "search", "text": "a soft pad", "audio_buffer": b64(data),
+                                    "sample_rate": sr, "alpha": 0.0, "top_k": 9})
+        hybrid = await ask(ws, {"op": "search", "text": "a soft pad", "audio_buffer": b64(data),
+                                "sample_rate": sr, "alpha": 0.3, "top_k": 9})
+        text_vec = (await ask(ws, {"op": "embed_text", "texts": ["a soft pad"]}))["embeddings"][0]
+    assert by_vec["status"] == "OK" and by_vec["id"] == 1 and by_vec["op"] == "search"
+    assert by_vec["matches"][0]["path"] == "pads/pad2.flac" and by_vec["matches"][0]["score"] == pytest.approx(1, abs=1e-5)
+    assert set(by_vec["matches"][0]) == {"path", "score", "tags", "library"}
+    assert by_vec["matches"][0]["tags"] == ["pads"] and by_vec["matches"][0]["library"] == "sounds"
+    assert by_audio["matches"][0]["path"] == "pads/pad2.flac"
+    assert [m["path"] for m in only_text["matches"]] == [m["path"] for m in by_text["matches"]]
+    assert [m["path"] for m in only_audio["matches"]][:1] == ["pads/pad2.flac"]
+    blend = unit(0.3 * unit(np.array(text_vec)) + 0.7 * unit(lib.embeddings[row]))
+    expected = sorted(((float(v @ blend), it["path"]) for v, it in zip(lib.embeddings, lib.items)), reverse=True)
+    assert [m["path"] for m in hybrid["matches"]] == [p for _, p in expected]
+    np.testing.assert_allclose([m["score"] for m in hybrid["matches"]], [s for s, _ in expected], atol=1e-5)
+
+
+async def test_tag_filter_and_top_k_on_embed(lib_server):
+    async with connect(lib_server) as ws:
+        kicks = await ask(ws, {"op": "search", "text": "boom", "tags": ["kicks"], "top_k": 10})
+        pads = await ask(ws, {"op": "search", "text": "boom", "tags": ["pads"], "top_k": 2})
+        none = await ask(ws, {"op": "search", "text": "boom", "tags": ["pads", "kicks"], "top_k": 2})
+        embed = await ask(ws, {"audio_buffer": b64(tone(100, seconds=1)), "top_k": 4, "tags": ["drums"]})
+        batch = await ask(ws, {"op": "embed_batch", "audio_buffers": [b64(tone(seconds=1)), b64(noise(seconds=1))],
+                               "top_k": 2})
+    assert sorted(m["path"] for m in kicks["matches"]) == [f"drums/kicks/kick{i}.wav" for i in range(3)]
+    assert len(pads["matches"]) == 2 and all("pads" in m["tags"] for m in pads["matches"])
+    assert none["matches"] == []
+    assert len(embed["matches"]) == 3 and all(m["path"].startswith("drums/") for m in embed["matches"])
+    assert [len(m) for m in batch["matches"]] == [2, 2]
+
+
+async def test_library_errors(model, lib_server):
+    async with connect(lib_server) as ws:
+        unknown = await ask(ws, {"op": "search", "text": "x", "library": "nope"})
+        neither = await ask(ws, {"op": "search", "top_k": 3})
+        both = await ask(ws, {"op": "search", "embedding": [0.1] * 512, "audio_buffer": b64(tone())})
+        short = await ask(ws, {"op": "search", "embedding": [0.1] * 511})
+    assert unknown["error"]["code"] == "unknown_library" and "sounds" in unknown["error"]["message"]
+    assert neither["error"]["code"] == both["error"]["code"] == short["error"]["code"] == "bad_request"
+    async with running_server(model) as bare:
+        async with connect(bare) as ws:
+            reply = await ask(ws, {"op": "search", "text": "x"})
+            embed = await ask(ws, {"audio_buffer": b64(tone()), "top_k": 3})
+    assert reply["error"]["code"] == embed["error"]["code"] == "no_library"
+
+
+def test_scan_is_recursive_and_filters_extensions(folder):
+    names = [p.name for p in scan(folder)]
+    assert "notes.txt" not in names and "kick0.wav" in names and "bell.aiff" in names and len(names) == 11
