@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README.md): install what the tests need, then run them.
 #
-#   ./scripts/test.sh              # everything CI runs
-#   ./scripts/test.sh -k server    # extra arguments go to pytest
+#   ./scripts/test.sh              # everything CI runs: pytest, then the JS client's node --test
+#   ./scripts/test.sh -k server    # extra arguments go to pytest (and skip the JS tests)
 #
 # Creates .venv if there is none. torch is installed first, pinned by TORCH_SPEC
 # (default torch==2.13.0, the CPU wheel on the project's machines), so that the
@@ -17,3 +17,10 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet -e ".[test]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the suite proves no network is needed
 "$py" -m pytest -q "$@"
+
+# The JavaScript client (clients/js): its tests start real servers with this venv's Python.
+if [ "$#" -eq 0 ]; then
+  (cd clients/js && npm ci --no-audit --no-fund --loglevel=error \
+     && CLAP_WS_PYTHON="$PWD/../../$venv/bin/python" npm test \
+     && npm run --silent typecheck)
+fi

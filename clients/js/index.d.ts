@@ -1,0 +1,165 @@
+// Types for clap-ws-client. Hand-written; checked by `npm run typecheck` (tsc --noEmit).
+
+export type AudioInput = Float32Array | ArrayLike<number>;
+
+export interface AudioOptions {
+  /** Hz, 8000-192000 (default: the server's, 48000). */
+  sampleRate?: number;
+  /** Interleaved channels in the buffer (default 1). */
+  channels?: number;
+  normalize?: "none" | "peak";
+  longClip?: "mean" | "head" | "center";
+}
+
+export interface RequestOptions {
+  /** Reject with TimeoutError when no reply comes within this many ms (default: the client's). */
+  timeoutMs?: number;
+}
+
+export interface ScoringOptions {
+  prompts?: string[];
+  probs?: boolean;
+  references?: Array<Float32Array | number[]>;
+  topK?: number;
+  library?: string;
+  tags?: string[];
+  archive?: string;
+  k?: number;
+  archiveAdd?: boolean;
+  ids?: unknown[];
+}
+
+export type EmbedOptions = AudioOptions & ScoringOptions & RequestOptions;
+
+export interface Match {
+  path: string;
+  score: number;
+  tags: string[];
+  library: string;
+}
+
+export interface ArchiveMatch {
+  id: unknown;
+  score: number;
+}
+
+export interface Extras {
+  similarity?: Record<string, number>;
+  probs?: Record<string, number>;
+  referenceSimilarity?: number[];
+  matches?: Match[];
+  novelty?: number | null;
+  archiveCount?: number;
+  behaviorDescriptor?: number[];
+}
+
+export interface Timing {
+  seconds: number;
+  queueMs: number;
+  modelMs: number;
+}
+
+export interface EmbedResult extends Extras {
+  embedding: Float32Array;
+  /** The model that produced it: a checkpoint file name, or "untrained". Absent for binary replies. */
+  model?: string;
+  timing?: Timing;
+}
+
+export interface BatchResult {
+  embeddings: Float32Array[];
+  model?: string;
+  timing?: Timing;
+  items?: Extras[];
+}
+
+export interface SearchQuery extends AudioOptions {
+  text?: string;
+  audio?: AudioInput;
+  embedding?: Float32Array | number[];
+  topK?: number;
+  /** Weight of the text in a text + audio query (0-1, default 0.5). */
+  alpha?: number;
+  tags?: string[];
+  library?: string;
+}
+
+export interface ArchiveOptions extends AudioOptions, RequestOptions {
+  /** Treat the items as sounds even if they are 512 samples long. */
+  audio?: boolean;
+  ids?: unknown[];
+  k?: number;
+  topK?: number;
+}
+
+export interface BackoffOptions {
+  initialMs?: number;
+  maxMs?: number;
+  factor?: number;
+}
+
+export interface ClientOptions {
+  timeoutMs?: number;
+  reconnect?: boolean;
+  backoff?: BackoffOptions;
+  /** Ask for raw float32 replies when no extras are requested (default true). */
+  binaryReplies?: boolean;
+  /** A WebSocket class to use instead of `ws` / the global one. */
+  WebSocket?: unknown;
+}
+
+export interface PoolOptions extends ClientOptions {
+  strategy?: "least-pending" | "round-robin";
+}
+
+export class ClapError extends Error {
+  /** The server's error code (see PROTOCOL.md), or "timeout", "connection_lost", "closed", ... */
+  code: string;
+  requestId?: string;
+  constructor(message: string, code?: string, requestId?: string);
+}
+export class TimeoutError extends ClapError {}
+export class ConnectionError extends ClapError {}
+
+export class ClapClient {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  readonly isOpen: boolean;
+  readonly pending: number;
+  onStateChange(listener: (state: "open" | "close", detail?: { code: number; reason: string }) => void): () => void;
+  connect(): Promise<void>;
+  request<T = unknown>(message: Record<string, unknown>, parse?: (reply: any) => T, options?: RequestOptions): Promise<T>;
+  embed(audio: AudioInput, options?: EmbedOptions): Promise<EmbedResult>;
+  embedBatch(audios: AudioInput[], options?: EmbedOptions): Promise<BatchResult>;
+  embedText(texts: string[], options?: RequestOptions): Promise<Float32Array[]>;
+  similarity(audio: AudioInput, prompts: string[], options?: EmbedOptions): Promise<Record<string, number>>;
+  search(query: SearchQuery, options?: RequestOptions): Promise<Match[]>;
+  archiveAdd(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<{ added: number; count: number }>;
+  novelty(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<number[]>;
+  archiveSearch(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<ArchiveMatch[][]>;
+  archiveInfo(archive?: string, options?: RequestOptions): Promise<Record<string, unknown>>;
+  archiveDrop(archive: string, options?: RequestOptions): Promise<number>;
+  info(options?: RequestOptions): Promise<Record<string, unknown>>;
+  close(): void;
+}
+
+export class ClapPool {
+  constructor(urls: string[], options?: PoolOptions);
+  readonly clients: ClapClient[];
+  readonly healthy: ClapClient[];
+  connect(): Promise<void>;
+  embed(audio: AudioInput, options?: EmbedOptions): Promise<EmbedResult>;
+  embedBatch(audios: AudioInput[], options?: EmbedOptions): Promise<BatchResult>;
+  embedText(texts: string[], options?: RequestOptions): Promise<Float32Array[]>;
+  similarity(audio: AudioInput, prompts: string[], options?: EmbedOptions): Promise<Record<string, number>>;
+  search(query: SearchQuery, options?: RequestOptions): Promise<Match[]>;
+  archiveAdd(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<{ added: number; count: number }>;
+  novelty(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<number[]>;
+  archiveSearch(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<ArchiveMatch[][]>;
+  archiveInfo(archive?: string, options?: RequestOptions): Promise<Record<string, unknown>>;
+  archiveDrop(archive: string, options?: RequestOptions): Promise<number>;
+  info(options?: RequestOptions): Promise<Array<Record<string, unknown>>>;
+  close(): void;
+}
+
+export function embedOnce(url: string, audio: AudioInput, options?: { sampleRate?: number; timeoutMs?: number; WebSocket?: unknown }): Promise<{ embedding: Float32Array; model?: string }>;
