@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+venv="$(cd "$venv" && pwd)"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
@@ -21,6 +22,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the suite proves no network i
 # The JavaScript client (clients/js): its tests start real servers with this venv's Python.
 if [ "$#" -eq 0 ]; then
   (cd clients/js && npm ci --no-audit --no-fund --loglevel=error \
-     && CLAP_WS_PYTHON="$PWD/../../$venv/bin/python" npm test \
+     && CLAP_WS_PYTHON="$py" npm test \
      && npm run --silent typecheck)
 fi
