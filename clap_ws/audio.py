@@ -91,7 +91,9 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
             f"the audio is {seconds:.2f} s long; this server takes at most {max_seconds:g} s per clip",
             code="too_long",
         )
-    if not np.isfinite(frames.sum(dtype=np.float64)):  # float64 cannot overflow here
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = frames.sum(dtype=np.float64)
+    if not np.isfinite(total):  # float64 cannot overflow here, so only NaN/inf samples do this
         raise AudioError("the audio contains NaN or infinite samples")
     mono = to_mono(frames)
     if spec.sample_rate != MODEL_RATE:

@@ -163,6 +163,10 @@ class MicroBatcher(Generic[T, R]):
             for p in batch:
                 self._reply(p, None, error)
             return
+        except BaseException:  # the worker thread is dying: its batch must not hang
+            for p in batch:
+                self._reply(p, None, ClapError("the inference worker died; it is being restarted"))
+            raise
         for p, result in zip(batch, results):
             if isinstance(result, BaseException):
                 self._reply(p, None, result)

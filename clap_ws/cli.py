@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from . import __version__
 from .errors import ModelError
@@ -37,6 +38,8 @@ _SERVER_HELP = {
     "ping_timeout": "seconds to wait for a pong before dropping a client (default %(default)s)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
     "text_cache": "prompt embeddings kept in the LRU cache (default %(default)s)",
+    "token": "clients must send it (Authorization: Bearer TOKEN, or ?token=); default $CLAP_WS_TOKEN",
+    "allowed_origins": "browser Origin allowed to connect (repeat for several); default: any",
     "archive_flush_s": "seconds between writes of changed archives to --archive-dir (default %(default)s)",
 }
 _SERVER_FLAGS = {"warm_up": "--no-warm-up"}  # booleans that default to True
@@ -81,12 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve)
     group = serve.add_argument_group("server")
     for f in fields(ServerConfig):
-        if f.name in _SERVER_FLAGS:
+        if f.name == "token":
+            group.add_argument("--token", default=os.environ.get("CLAP_WS_TOKEN"), help=_SERVER_HELP["token"])
+        elif f.name == "allowed_origins":
+            group.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],
+                               metavar="ORIGIN", help=_SERVER_HELP["allowed_origins"])
+        elif f.name in _SERVER_FLAGS:
             group.add_argument(_SERVER_FLAGS[f.name], dest=f.name, action="store_false",
                                help="skip the warm-up model call before listening")
         else:
             group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                                help=_SERVER_HELP[f.name])
+    group.add_argument("--insecure", action="store_true",
+                       help="allow binding a non-loopback address without --token")
     group.add_argument("--download", action="store_true",
                        help="fetch the default checkpoint and tokenizer first if missing (network)")
     extra = serve.add_argument_group("libraries, archives, behaviour descriptors")
@@ -117,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", help="destination (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default 15)")
     return parser
+
+
+def check_exposure(config, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without a token, unless told --insecure."""
+    loopback = config.host in ("localhost", "::1") or config.host.startswith("127.")
+    if not loopback and not config.token and not insecure:
+        raise ModelError(
+            f"--host {config.host} exposes the server beyond this machine: give --token (or CLAP_WS_TOKEN) "
+            f"so clients must authenticate, or --insecure if the network is trusted"
+        )
+    if not loopback and insecure and not config.token:
+        logging.getLogger("clap_ws").warning("listening on %s with no token (--insecure)", config.host)
 
 
 def _library(args: argparse.Namespace) -> int:
@@ -158,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         from .server import ServerConfig, run
 
         config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+        config = replace(config, allowed_origins=tuple(config.allowed_origins))
+        check_exposure(config, args.insecure)
         libraries = [Library.load(path) for path in args.library]
         projection = Projection.load(args.projection) if args.projection else None
         model = model_from_args(args, download_missing=args.download)

@@ -27,13 +27,14 @@ alive and 503 when it is not (or while draining). SIGINT/SIGTERM (see
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable
 from http import HTTPStatus
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -75,6 +76,8 @@ class ServerConfig:
     ping_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     warm_up: bool = True  # run one window through the model before listening
+    token: str | None = None  # required from clients (Authorization: Bearer, or ?token=) when set
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed; empty: any (and none)
     text_cache: int = 4096  # prompt embeddings kept (LRU)
     archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
 
@@ -119,6 +122,8 @@ class ClapServer:
         self._watchdog: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
         self.port = config.port
+        self.watchdog_interval = 1.0  # seconds between checks that the inference worker lives
+        self.worker_restarts = 0
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> "ClapServer":
@@ -129,6 +134,7 @@ class ClapServer:
             process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
+            origins=[*self.config.allowed_origins, None] if self.config.allowed_origins else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
@@ -171,9 +177,10 @@ class ClapServer:
 
     async def _watch_worker(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.watchdog_interval)
             if not self.batcher.alive and not self._draining:
                 _log.error("inference worker died; restarting it")
+                self.worker_restarts += 1
                 self.batcher.start()
 
     async def _flush_archives(self) -> None:
@@ -193,13 +200,27 @@ class ClapServer:
             "version": __version__,
             "sample_rate": self.config.sample_rate,
             "connections": len(self._pending),
+            "worker_restarts": self.worker_restarts,
             "uptime_s": round(time.time() - self.started, 3),
             "config": asdict(self.config),
         }
 
+    def _authorized(self, request) -> bool:
+        """Constant-time check of the bearer token or ``?token=`` against ``--token``."""
+        expected = self.config.token.encode()
+        header = request.headers.get("Authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given:
+            given = dict(parse_qsl(urlsplit(request.path).query)).get("token", "")
+        return hmac.compare_digest(given.encode(), expected)
+
     def _http(self, connection: ServerConnection, request):
-        """``GET /health``; anything else goes on to the WebSocket handshake."""
+        """``GET /health``, and the token check; anything else goes on to the WebSocket handshake."""
         if urlsplit(request.path).path != "/health":
+            if self.config.token and not self._authorized(request):
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'
+                return response
             return None
         alive = self.batcher.alive and not self._draining
         body = {"status": "ok" if alive else ("draining" if self._draining else "worker_dead"),

@@ -74,6 +74,13 @@ def test_serve_without_checkpoint_fails_fast_and_says_how_to_fix_it(tmp_path):
         assert words in result.stderr
 
 
+def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clap_ws", "serve", "--untrained", "--host", "0.0.0.0"],
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--token" in result.stderr and "--insecure" in result.stderr
+
+
 def test_start_script_untrained_then_sigterm_under_load(tmp_path):
     server = Served([str(ROOT / "start_clap_service.sh"), "--untrained"], offline_env(tmp_path, PORT="0"))
     try:
@@ -87,6 +94,9 @@ def test_start_script_untrained_then_sigterm_under_load(tmp_path):
                     await ws.send(noise(sr=44100, seconds=1, seed=i).tobytes())
                 await asyncio.sleep(0.2)
                 server.proc.send_signal(signal.SIGTERM)  # while requests are in flight
+                await asyncio.sleep(0.3)
+                with pytest.raises((OSError, websockets.InvalidStatus)):  # new connections are refused
+                    await websockets.connect(f"ws://127.0.0.1:{port}/clap", open_timeout=5)
                 replies = [json.loads(await ws.recv()) for _ in range(6)]
                 with pytest.raises(websockets.ConnectionClosed):
                     await ws.recv()

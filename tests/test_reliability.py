@@ -1,0 +1,449 @@
+"""Reliability and security: fuzzing, load, soak, faults, slow and vanishing clients, tokens, origins.
+
+The server runs in a thread of its own with its own event loop, so clients
+in the test (sync or async) load it the way separate processes would.
+Everything is on 127.0.0.1, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gc
+import json
+import logging
+import resource
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import orjson
+import pytest
+import websockets
+from conftest import noise, tone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.sync.client import connect as sync_connect
+
+from clap_ws.server import ClapServer, ServerConfig
+
+DOCUMENTED_CODES = {"bad_json", "bad_request", "unknown_op", "bad_base64", "bad_audio", "bad_sample_rate", "too_long",
+                    "too_many_items", "busy", "shutting_down", "not_found", "internal", "text_unavailable",
+                    "no_library", "unknown_library", "unknown_archive", "k_too_large"}
+TIMEOUT = 120
+
+
+class ThreadedServer:
+    """A ClapServer on its own loop in a background thread."""
+
+    def __init__(self, model, **options):
+        self.server = ClapServer(model, ServerConfig(port=0, **options))
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.server.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="test-server", daemon=True)
+        self.thread.start()
+        assert started.wait(120)
+        self.port = self.server.port
+        self.url = f"ws://127.0.0.1:{self.port}/clap"
+
+    def call(self, fn):
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(TIMEOUT)
+
+    def stop(self):
+        self.call(self.server.shutdown)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@contextlib.contextmanager
+def threaded(model, **options):
+    srv = ThreadedServer(model, **options)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def check_shape(reply: dict) -> None:
+    assert reply["status"] in ("OK", "ERROR"), reply
+    if reply["status"] == "ERROR":
+        assert set(reply) == {"status", "error", "id"}, reply
+        assert set(reply["error"]) == {"code", "message"} and reply["error"]["message"], reply
+        assert reply["error"]["code"] in DOCUMENTED_CODES, reply
+
+
+def b64(x) -> str:
+    return base64.b64encode(np.asarray(x, "<f4").tobytes()).decode()
+
+
+# ---- fuzzing ---------------------------------------------------------------------------------
+FIELDS = ["op", "id", "audio_buffer", "audio_buffers", "sample_rate", "channels", "normalize", "long_clip", "reply",
+          "prompts", "probs", "references", "top_k", "library", "tags", "archive", "k", "archive_add", "ids", "texts",
+          "text", "embedding", "embeddings", "alpha"]
+OPS = ["embed", "embed_batch", "embed_text", "search", "archive_add", "novelty", "archive_search", "archive_info",
+       "archive_drop", "info", "explode", "", "EMBED"]
+json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                           max_leaves=20)
+
+
+@st.composite
+def audio_bytes(draw):
+    kind = draw(st.sampled_from(["nan", "inf", "odd", "empty", "random", "huge_values", "tiny"]))
+    n = draw(st.integers(1, 64))
+    if kind == "nan":
+        x = np.zeros(n, "f4")
+        x[draw(st.integers(0, n - 1))] = np.nan
+        return x.tobytes()
+    if kind == "inf":
+        return np.full(n, np.inf, "f4").tobytes()
+    if kind == "odd":
+        return b"\x01" * (4 * n + draw(st.integers(1, 3)))
+    if kind == "empty":
+        return b""
+    if kind == "huge_values":
+        return np.full(n, 3e38, "f4").tobytes()
+    if kind == "tiny":
+        return np.full(n, 1e-30, "f4").tobytes()
+    return draw(st.binary(max_size=256))
+
+
+@st.composite
+def messages(draw):
+    kind = draw(st.sampled_from(["bytes", "audio", "text", "json", "fields", "truncated", "nested", "giant", "valid"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=512))
+    if kind == "audio":
+        return draw(audio_bytes())
+    if kind == "text":
+        return draw(st.text(max_size=200))
+    if kind == "json":
+        return json.dumps(draw(json_values))
+    if kind == "fields":
+        msg = {k: draw(json_values) for k in draw(st.lists(st.sampled_from(FIELDS), max_size=6, unique=True))}
+        if draw(st.booleans()):
+            msg["op"] = draw(st.sampled_from(OPS))
+        if draw(st.booleans()):
+            msg["audio_buffer"] = base64.b64encode(draw(audio_bytes())).decode()
+        return json.dumps(msg)
+    if kind == "truncated":
+        full = json.dumps({"op": draw(st.sampled_from(OPS)), "audio_buffer": "AAAAAAAA", "sample_rate": 44100, "id": 1})
+        return full[: draw(st.integers(0, len(full) - 1))]
+    if kind == "nested":
+        depth = draw(st.integers(100, 5000))
+        return "[" * depth + "]" * draw(st.integers(0, depth))
+    if kind == "giant":
+        size = draw(st.integers(1, 3)) * 1_000_000
+        return json.dumps({"audio_buffer": "!" * size if draw(st.booleans()) else "QUFB" * (size // 4),
+                           "sample_rate": draw(st.sampled_from([48000, 7000, 1e308, -1]))})
+    return json.dumps({"op": "info", "id": draw(st.integers())})
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(model):
+    with threaded(model, max_frame_mb=16) as srv:
+        yield srv
+
+
+FUZZ_STATS = {"messages": 0, "replies": 0}
+
+
+@settings(max_examples=72, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.lists(messages(), min_size=140, max_size=140))
+def test_fuzz_every_message_gets_one_documented_reply(fuzz_server, batch):
+    with sync_connect(fuzz_server.url, max_size=None, open_timeout=30) as ws:
+        for message in batch:  # pipelined: everything sent before any reply is read
+            ws.send(message)
+        for _ in batch:
+            check_shape(json.loads(ws.recv(timeout=TIMEOUT)))
+        ws.send(json.dumps({"op": "info", "id": "alive"}))  # and the connection is still usable
+        assert json.loads(ws.recv(timeout=TIMEOUT))["id"] == "alive"
+    FUZZ_STATS["messages"] += len(batch)
+
+
+def test_fuzz_totals_and_memory(fuzz_server):
+    """Runs after the fuzz test in this module: at least 10,000 messages, and the server is fine."""
+    assert FUZZ_STATS["messages"] >= 10_000, FUZZ_STATS
+    before = rss_mb()
+    with sync_connect(fuzz_server.url) as ws:
+        for i in range(300):
+            ws.send(json.dumps({"audio_buffer": "!" * 1_000_000, "id": i}))
+            assert json.loads(ws.recv(timeout=TIMEOUT))["error"]["code"] == "bad_base64"
+        ws.send(tone(seconds=0.5).tobytes())
+        assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+    gc.collect()
+    assert rss_mb() - before < 100  # 300 MB of rejected input left nothing behind
+    with urllib.request.urlopen(f"http://127.0.0.1:{fuzz_server.port}/health", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_oversized_frame_closes_with_1009_and_the_server_goes_on(fuzz_server):
+    with sync_connect(fuzz_server.url, max_size=None) as ws:
+        ws.send(b"\0" * (17 * 1024 * 1024))
+        with pytest.raises(websockets.ConnectionClosed):
+            ws.recv(timeout=TIMEOUT)
+        assert ws.close_code == 1009
+    with sync_connect(fuzz_server.url) as ws:
+        ws.send(json.dumps({"op": "info"}))
+        assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+
+
+def test_unknown_paths_and_probes(fuzz_server):
+    for path in ("/x", "/clap/extra", "/health/x", "/CLAP"):
+        with sync_connect(f"ws://127.0.0.1:{fuzz_server.port}{path}") as ws:
+            check_shape(json.loads(ws.recv(timeout=TIMEOUT)))
+            with pytest.raises(websockets.ConnectionClosed):
+                ws.recv(timeout=TIMEOUT)
+            assert ws.close_code == 4404
+    for _ in range(50):  # probe connections: open and close, nothing sent
+        sync_connect(fuzz_server.url).close()
+
+
+# ---- load and soak ---------------------------------------------------------------------------
+async def pipelined_client(url: str, messages: list[str]) -> list[dict]:
+    async with websockets.connect(url, max_size=None, open_timeout=60) as ws:
+        async def send_all():
+            for m in messages:
+                await ws.send(m)
+        sender = asyncio.create_task(send_all())
+        replies = [json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)) for _ in messages]
+        await sender
+        return replies
+
+
+def mixed_requests(conn: int, count: int, audio_every: int) -> list[str]:
+    """Real audio embeddings mixed with cheaper ops that still cross the whole server."""
+    out = []
+    for i in range(count):
+        rid = f"{conn}-{i}"
+        if i % audio_every == 0:
+            out.append(json.dumps({"audio_buffer": b64(noise(seconds=0.25, seed=conn * 1000 + i)), "id": rid}))
+        elif i % 3 == 0:
+            out.append(json.dumps({"op": "novelty", "archive": "load", "k": 3,
+                                   "embedding": np.random.default_rng(i).standard_normal(512).tolist(), "id": rid}))
+        elif i % 3 == 1:
+            out.append(json.dumps({"op": "embed_text", "texts": ["a bell", "a drum"], "id": rid}))
+        else:
+            out.append(json.dumps({"op": "info", "id": rid}))
+    return out
+
+
+def seed_archive(url: str) -> None:
+    with sync_connect(url) as ws:
+        ws.send(json.dumps({"op": "archive_add", "archive": "load",
+                            "embeddings": np.random.default_rng(0).standard_normal((50, 512)).tolist()}))
+        assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+
+
+def test_256_connections_x_20_requests_each_answered_exactly_once(model):
+    with threaded(model, max_queue=4096) as srv:
+        seed_archive(srv.url)
+        plans = [mixed_requests(c, 20, audio_every=40) for c in range(256)]
+
+        async def run():
+            return await asyncio.gather(*(pipelined_client(srv.url, p) for p in plans))
+
+        started = time.monotonic()
+        results = asyncio.run(run())
+        elapsed = time.monotonic() - started
+        for conn, (plan, replies) in enumerate(zip(plans, results)):
+            assert [r["id"] for r in replies] == [json.loads(m)["id"] for m in plan]  # own ids, in order, once
+            assert all(r["status"] == "OK" for r in replies), [r for r in replies if r["status"] != "OK"][:1]
+        audio = sum(1 for p in plans for m in p if "audio_buffer" in m)
+        assert srv.server.batcher.items >= audio == 256
+        logging.getLogger("reliability").warning("load: 5120 requests (256 audio) over 256 connections in %.1f s, "
+                                                 "%d model batches", elapsed, srv.server.batcher.batches)
+
+
+def soak(model, requests: int, connections: int, audio_every: int) -> dict:
+    with threaded(model, max_queue=4096) as srv:
+        seed_archive(srv.url)
+        per_conn = requests // connections
+
+        async def wave(offset):
+            plans = [mixed_requests(offset + c, per_conn, audio_every) for c in range(connections)]
+            results = await asyncio.gather(*(pipelined_client(srv.url, p) for p in plans))
+            for plan, replies in zip(plans, results):
+                assert [r["id"] for r in replies] == [json.loads(m)["id"] for m in plan]
+                assert all(r["status"] == "OK" for r in replies)
+            return sum(len(r) for r in results)
+
+        asyncio.run(wave(0))  # warm-up wave: caches, allocator pools, first batches
+        gc.collect()
+        before = rss_mb()
+        answered = 0
+        for w in range(4):
+            answered += asyncio.run(wave(10_000 * (w + 1)))
+        gc.collect()
+        return {"answered": answered, "growth_mb": rss_mb() - before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def test_soak_20000_requests_memory_flat(model):
+    stats = soak(model, requests=5000, connections=20, audio_every=100)
+    assert stats["answered"] == 20_000
+    assert stats["growth_mb"] < 50, stats
+    logging.getLogger("reliability").warning("soak: %s", stats)
+
+
+@pytest.mark.slow
+def test_long_soak_all_audio(model):
+    stats = soak(model, requests=2500, connections=25, audio_every=1)
+    assert stats["answered"] == 10_000 and stats["growth_mb"] < 50, stats
+
+
+# ---- faults ----------------------------------------------------------------------------------
+def test_client_gone_mid_request_is_dropped_quietly(model, caplog):
+    with threaded(model, max_wait_ms=0) as srv:
+        caplog.set_level(logging.INFO)
+        for i in range(5):
+            ws = sync_connect(srv.url)
+            for j in range(8):
+                ws.send(noise(seconds=0.3, seed=i * 10 + j).tobytes())
+            ws.close()  # gone before any reply
+        deadline = time.monotonic() + 60
+        while srv.server.batcher.depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert srv.server.batcher.depth == 0 and srv.server.batcher.dropped >= 10
+        assert srv.server.batcher.items + srv.server.batcher.dropped == 40
+        assert not srv.server._pending  # no connection state left behind
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_slow_reader_is_not_buffered_without_bound(model):
+    with threaded(model, max_pipeline=8) as srv:
+        big = json.dumps({"op": "embed_text", "texts": ["x" * 1500] * 200, "id": 0})  # ~1 MB replies
+
+        async def run():
+            async with websockets.connect(srv.url, max_size=None) as ws:
+                sent = []
+
+                async def sender():  # sends and never reads: the server must stop reading, not buffer
+                    for i in range(300):
+                        await ws.send(big.replace('"id": 0', f'"id": {i}'))
+                        sent.append(i)
+
+                task = asyncio.create_task(sender())
+                await asyncio.sleep(2.0)
+                queued = [q.qsize() for q in srv.server._pending.values()]
+                held_back = len(sent)
+                ids = [json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["id"] for _ in range(300)]
+                await task
+                return queued, held_back, ids
+
+        queued, held_back, ids = asyncio.run(run())
+        assert queued and max(queued) <= 8
+        assert held_back < 300  # the client was held back by TCP flow control instead
+        assert ids == list(range(300))
+
+
+def test_exception_inside_inference_fails_that_batch_only(model):
+    with threaded(model, max_wait_ms=50) as srv:
+        original = model.embed_windows
+        boom = {"armed": True}
+
+        def flaky(windows):
+            if boom.pop("armed", False):
+                raise RuntimeError("injected fault")
+            return original(windows)
+
+        model.embed_windows = flaky
+        try:
+            async def run():
+                return await asyncio.gather(*(pipelined_client(srv.url, [json.dumps({"audio_buffer": b64(tone(seconds=0.3)),
+                                                                                  "id": i})]) for i in range(4)))
+            first = [r[0] for r in asyncio.run(run())]
+            failed = [r for r in first if r["status"] == "ERROR"]
+            assert failed and all(r["error"]["code"] == "internal" and "injected" in r["error"]["message"] for r in failed)
+            after = asyncio.run(run())
+            assert all(r[0]["status"] == "OK" for r in after)  # the next batches are served
+        finally:
+            del model.embed_windows
+
+
+def health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_dead_worker_health_503_then_restarted(model):
+    with threaded(model) as srv:
+        async def stop_watchdog():  # so the dead worker stays dead until the test looks
+            srv.server._watchdog.cancel()
+
+        srv.call(stop_watchdog)
+
+        def die(windows):
+            del model.embed_windows  # only once
+            raise SystemExit("worker killed by the test")
+
+        model.embed_windows = die
+        try:
+            with sync_connect(srv.url) as ws:
+                ws.send(tone(seconds=0.3).tobytes())
+                reply = json.loads(ws.recv(timeout=TIMEOUT))  # the batch gets an answer, not a hang
+            assert reply["error"]["code"] == "internal" and "restarted" in reply["error"]["message"]
+            srv.server.batcher._thread.join(10)
+            assert health(srv.port) == 503  # dead, and health says so
+            with sync_connect(srv.url) as ws:  # requests still queue while it is down
+                ws.send(tone(seconds=0.3).tobytes())
+                srv.server.watchdog_interval = 0.2
+
+                async def watch():
+                    srv.server._watchdog = asyncio.create_task(srv.server._watch_worker())
+
+                srv.call(watch)
+                assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"  # answered after the restart
+            assert health(srv.port) == 200 and srv.server.worker_restarts == 1
+        finally:
+            if "embed_windows" in vars(model):
+                del model.embed_windows
+
+
+# ---- security --------------------------------------------------------------------------------
+def test_token_is_required_by_header_or_query(model):
+    with threaded(model, token="s3cret-token") as srv:
+        for url, headers in ((srv.url, None), (srv.url, {"Authorization": "Bearer wrong"}),
+                             (srv.url + "?token=nope", None)):
+            with pytest.raises(websockets.InvalidStatus) as info:
+                sync_connect(url, additional_headers=headers)
+            assert info.value.response.status_code == 401
+        with sync_connect(srv.url, additional_headers={"Authorization": "Bearer s3cret-token"}) as ws:
+            ws.send(tone(seconds=0.2).tobytes())
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+        with sync_connect(srv.url + "?token=s3cret-token&sample_rate=48000") as ws:
+            ws.send(tone(seconds=0.2).tobytes())
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health", timeout=5) as r:
+            assert r.status == 200  # health stays open for load balancers; it reveals no data
+
+
+def test_origin_allowlist(model):
+    with threaded(model, allowed_origins=("https://synth.example",)) as srv:
+        with sync_connect(srv.url, origin="https://synth.example") as ws:
+            ws.send(json.dumps({"op": "info"}))
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            sync_connect(srv.url, origin="https://evil.example")
+        assert info.value.response.status_code == 403
+        with sync_connect(srv.url) as ws:  # non-browser clients send no Origin
+            ws.send(json.dumps({"op": "info"}))
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
