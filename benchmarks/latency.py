@@ -89,7 +89,7 @@ class Config:
     clients: int = 1
     seconds: float = 2.0
     rate: int = 44100
-    form: str = "binary"  # binary | base64 | batch | binary-reply
+    form: str = "binary"  # binary | base64 | batch | binary-reply | text-uncached | text-cached
     persistent: bool = True  # one connection per client, or one per sound
     batch: int = 8  # sounds per embed_batch message
 
@@ -102,6 +102,7 @@ class Outcome:
     latency_ms: list[float] = field(repr=False)
     model_ms: list[float] = field(repr=False)
     queue_ms: list[float] = field(repr=False)
+    server_ms: list[float] = field(repr=False, default_factory=list)
     peak_rss_mb: float = float("nan")
 
     def summary(self) -> dict:
@@ -115,14 +116,24 @@ class Outcome:
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
             "p99_ms": float(np.percentile(lat, 99)),
             "within_budget": float((lat <= BUDGET_MS).mean()),
-            "model_p50_ms": float(np.nanmedian(model)),
+            "model_p50_ms": float(np.nanmedian(model)) if np.isfinite(model).any() else float("nan"),
             "queue_p50_ms": float(np.median(queue)),
-            "overhead_p50_ms": float(np.nanmedian(lat - model)),  # end to end minus model time
+            "queue_p99_ms": float(np.percentile(queue, 99)),
+            "server_p50_ms": float(np.median(self.server_ms)) if self.server_ms else float("nan"),
+            "overhead_p50_ms": float(np.nanmedian(lat - model)) if np.isfinite(model).any() else float("nan"),
             "peak_rss_mb": self.peak_rss_mb,
         }
 
 
+WORDS = ["bright", "metallic", "warm", "noisy", "soft", "deep", "glassy", "harsh", "airy", "wooden"]
+
+
 def message_for(config: Config, i: int):
+    if config.form.startswith("text"):
+        if config.form == "text-cached":
+            return json.dumps({"op": "embed_text", "texts": ["a metallic bell"]})
+        w = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(2)]
+        return json.dumps({"op": "embed_text", "texts": [f"{w[0]} {w[1]} sound {i}"]})  # 3+ words, never cached
     if config.form == "batch":
         clips = [sound(config.seconds, config.rate, i * 100 + k) for k in range(config.batch)]
         return json.dumps({"op": "embed_batch", "sample_rate": config.rate,
@@ -138,7 +149,7 @@ async def drive(port: int, config: Config, requests: int) -> Outcome:
     url = f"ws://127.0.0.1:{port}/clap?{query}"
     per_client = max(1, requests // config.clients)
     messages = [[message_for(config, c * 1000 + i) for i in range(per_client)] for c in range(config.clients)]
-    latency, model, queue = [], [], []
+    latency, model, queue, server = [], [], [], []
 
     def record(t0, reply):
         latency.append((time.perf_counter() - t0) * 1000)
@@ -151,6 +162,8 @@ async def drive(port: int, config: Config, requests: int) -> Outcome:
             model.append(body["model_ms"])
         if "queue_ms" in body:
             queue.append(body["queue_ms"])
+        if "time" in body:
+            server.append(body["time"] * 1000)
 
     async def client(batch):
         if config.persistent:
@@ -167,12 +180,12 @@ async def drive(port: int, config: Config, requests: int) -> Outcome:
                     record(t0, await ws.recv())
 
     await client(messages[0][:1])  # warm-up, not counted
-    latency.clear(), model.clear(), queue.clear()
+    latency.clear(), model.clear(), queue.clear(), server.clear()
     started = time.perf_counter()
     await asyncio.gather(*(client(b) for b in messages))
     wall = time.perf_counter() - started
-    sounds = len(latency) * (config.batch if config.form == "batch" else 1)
-    return Outcome(config, sounds, wall, latency, model, queue)
+    sounds = len(latency) * (config.batch if config.form == "batch" else 1)  # texts count as items
+    return Outcome(config, sounds, wall, latency, model, queue, server)
 
 
 # ---- the sweep -----------------------------------------------------------------------
@@ -189,6 +202,8 @@ def plan(quick: bool) -> list[Config]:
     configs += [Config(f"clap-ws, {n} client{'s' * (n > 1)}", "clap-ws auto", clients=n) for n in (1, 4, 16, 64)]
     configs += [Config(f"clap-ws, {s:g} s sounds", "clap-ws auto", seconds=s) for s in (0.5, 10, 30)]
     configs += [
+        Config("clap-ws, text prompt, uncached", "clap-ws auto", form="text-uncached"),
+        Config("clap-ws, text prompt, cached", "clap-ws auto", form="text-cached"),
         Config("clap-ws, 48 kHz input (no resampling)", "clap-ws auto", rate=48000),
         Config("clap-ws, base64 JSON", "clap-ws auto", form="base64"),
         Config("clap-ws, binary replies", "clap-ws auto", form="binary-reply"),
@@ -221,7 +236,36 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['within_budget']:.0%} | {r['throughput_per_s']:.1f} | {ratio:.2f} | "
                      f"{r['model_p50_ms']:.1f} | {r['queue_p50_ms']:.1f} | {r['overhead_p50_ms']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets(rows)]
     return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """The issue's targets for this machine, each with the measured value and whether it is met."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    one = by.get("clap-ws, 1 client")
+    if one:
+        out.append(("1 client, 2-s sounds at 44.1 kHz: p50 <= 50 ms", f"{one['p50_ms']:.1f} ms", one["p50_ms"] <= 50))
+        out.append(("1 client: p99 <= 100 ms", f"{one['p99_ms']:.1f} ms", one["p99_ms"] <= 100))
+        out.append(("server overhead (end to end - model) p50 <= 3 ms", f"{one['overhead_p50_ms']:.1f} ms",
+                    one["overhead_p50_ms"] <= 3))
+    sixteen, naive = by.get("clap-ws, 16 clients"), by.get("naive fp32, 16 clients, one-shot")
+    if sixteen and naive:
+        ratio = sixteen["throughput_per_s"] / naive["throughput_per_s"]
+        out.append(("16 clients: throughput >= 3x the naive baseline", f"{ratio:.2f}x", ratio >= 3))
+        waits = sixteen["queue_p99_ms"] / sixteen["model_p50_ms"]
+        out.append(("16 clients: no sound waits more than 2 batch times (queue p99 / batch time)", f"{waits:.2f}",
+                    waits <= 2))
+    unc, cached = by.get("clap-ws, text prompt, uncached"), by.get("clap-ws, text prompt, cached")
+    if unc:
+        out.append(("text, 3-word prompt, uncached: p50 <= 15 ms (server time)", f"{unc['server_p50_ms']:.2f} ms",
+                    unc["server_p50_ms"] <= 15))
+    if cached:
+        out.append(("text, cached: p50 <= 0.5 ms (server time)", f"{cached['server_p50_ms']:.3f} ms",
+                    cached["server_p50_ms"] <= 0.5))
+    return out
 
 
 def plot(outcomes: list[Outcome], path: Path) -> None:
@@ -240,7 +284,8 @@ def plot(outcomes: list[Outcome], path: Path) -> None:
     left.legend(fontsize=6)
     for server in ("naive", "clap-ws fp32", "clap-ws auto"):
         pts = sorted((o.config.clients, o.sounds / o.wall_s) for o in outcomes
-                     if o.config.server == server and o.config.seconds == 2.0 and o.config.form == "binary")
+                     if o.config.server == server and o.config.seconds == 2.0 and o.config.form == "binary"
+                     and o.config.rate == 44100 and (o.config.persistent or server == "naive"))
         if pts:
             right.plot(*zip(*pts), marker="o", label=server)
     right.set(xscale="log", xlabel="concurrent clients", ylabel="sounds per second", title="Throughput (2-s sounds)")

@@ -121,45 +121,40 @@ export class ClapError extends Error {
 export class TimeoutError extends ClapError {}
 export class ConnectionError extends ClapError {}
 
+/** The requests a client and a pool both make. */
+export interface ClapRequests {
+  embed(audio: AudioInput, options?: EmbedOptions): Promise<EmbedResult>;
+  embedBatch(audios: AudioInput[], options?: EmbedOptions): Promise<BatchResult>;
+  embedText(texts: string[], options?: RequestOptions): Promise<Float32Array[]>;
+  similarity(audio: AudioInput, prompts: string[], options?: EmbedOptions): Promise<Record<string, number>>;
+  search(query: SearchQuery, options?: RequestOptions): Promise<Match[]>;
+  archiveAdd(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<{ added: number; count: number }>;
+  novelty(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<number[]>;
+  archiveSearch(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<ArchiveMatch[][]>;
+  archiveInfo(archive?: string, options?: RequestOptions): Promise<Record<string, unknown>>;
+  archiveDrop(archive: string, options?: RequestOptions): Promise<number>;
+  connect(): Promise<void>;
+  close(): void;
+}
+
+export interface ClapClient extends ClapRequests {}
 export class ClapClient {
   constructor(url: string, options?: ClientOptions);
   readonly url: string;
   readonly isOpen: boolean;
   readonly pending: number;
   onStateChange(listener: (state: "open" | "close", detail?: { code: number; reason: string }) => void): () => void;
-  connect(): Promise<void>;
   request<T = unknown>(message: Record<string, unknown>, parse?: (reply: any) => T, options?: RequestOptions): Promise<T>;
-  embed(audio: AudioInput, options?: EmbedOptions): Promise<EmbedResult>;
-  embedBatch(audios: AudioInput[], options?: EmbedOptions): Promise<BatchResult>;
-  embedText(texts: string[], options?: RequestOptions): Promise<Float32Array[]>;
-  similarity(audio: AudioInput, prompts: string[], options?: EmbedOptions): Promise<Record<string, number>>;
-  search(query: SearchQuery, options?: RequestOptions): Promise<Match[]>;
-  archiveAdd(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<{ added: number; count: number }>;
-  novelty(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<number[]>;
-  archiveSearch(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<ArchiveMatch[][]>;
-  archiveInfo(archive?: string, options?: RequestOptions): Promise<Record<string, unknown>>;
-  archiveDrop(archive: string, options?: RequestOptions): Promise<number>;
   info(options?: RequestOptions): Promise<Record<string, unknown>>;
-  close(): void;
 }
 
+export interface ClapPool extends ClapRequests {}
 export class ClapPool {
   constructor(urls: string[], options?: PoolOptions);
   readonly clients: ClapClient[];
   readonly healthy: ClapClient[];
-  connect(): Promise<void>;
-  embed(audio: AudioInput, options?: EmbedOptions): Promise<EmbedResult>;
-  embedBatch(audios: AudioInput[], options?: EmbedOptions): Promise<BatchResult>;
-  embedText(texts: string[], options?: RequestOptions): Promise<Float32Array[]>;
-  similarity(audio: AudioInput, prompts: string[], options?: EmbedOptions): Promise<Record<string, number>>;
-  search(query: SearchQuery, options?: RequestOptions): Promise<Match[]>;
-  archiveAdd(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<{ added: number; count: number }>;
-  novelty(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<number[]>;
-  archiveSearch(archive: string, items: AudioInput[], options?: ArchiveOptions): Promise<ArchiveMatch[][]>;
-  archiveInfo(archive?: string, options?: RequestOptions): Promise<Record<string, unknown>>;
-  archiveDrop(archive: string, options?: RequestOptions): Promise<number>;
+  /** One info reply per server (or {url, error} for one that is down). */
   info(options?: RequestOptions): Promise<Array<Record<string, unknown>>>;
-  close(): void;
 }
 
 export function embedOnce(url: string, audio: AudioInput, options?: { sampleRate?: number; timeoutMs?: number; WebSocket?: unknown }): Promise<{ embedding: Float32Array; model?: string }>;
