@@ -20,6 +20,7 @@ from dataclasses import fields, replace
 
 from . import __version__
 from .errors import ModelError
+from .index import HNSW_THRESHOLD
 from .weights import DEFAULT_CHECKPOINT, KNOWN_CHECKPOINTS, cache_dir, download, load_model
 
 _SERVER_HELP = {
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch", type=int, default=16, help="files per model call and journal chunk (default 16)")
     build.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw"],
                        help="auto: exact (flat) up to --hnsw-threshold items, HNSW above")
-    build.add_argument("--hnsw-threshold", type=int, default=100_000)
+    build.add_argument("--hnsw-threshold", type=int, default=HNSW_THRESHOLD,
+                       help="items above which auto picks HNSW (default %(default)s)")
     build.add_argument("--max-seconds", type=float, default=600.0, help="skip longer files (default 600)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(build)
