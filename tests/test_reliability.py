@@ -283,7 +283,8 @@ def soak(model, requests: int, connections: int, audio_every: int) -> dict:
                 assert all(r["status"] == "OK" for r in replies)
             return sum(len(r) for r in results)
 
-        asyncio.run(wave(0))  # warm-up wave: caches, allocator pools, first batches
+        for w in range(2):  # warm-up: caches, allocator arenas and pools reach their steady size
+            asyncio.run(wave(1_000 * w))
         gc.collect()
         before = rss_mb()
         answered = 0
