@@ -202,7 +202,7 @@ class ClapServer:
             "connections": len(self._pending),
             "worker_restarts": self.worker_restarts,
             "uptime_s": round(time.time() - self.started, 3),
-            "config": asdict(self.config),
+            "config": {**asdict(self.config), "token": "***" if self.config.token else None},
         }
 
     def _authorized(self, request) -> bool:

@@ -433,6 +433,9 @@ def test_token_is_required_by_header_or_query(model):
         with sync_connect(srv.url + "?token=s3cret-token&sample_rate=48000") as ws:
             ws.send(tone(seconds=0.2).tobytes())
             assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+            ws.send(json.dumps({"op": "info"}))
+            info = ws.recv(timeout=TIMEOUT)
+            assert "s3cret" not in info and json.loads(info)["config"]["token"] == "***"  # never echoed
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health", timeout=5) as r:
             assert r.status == 200  # health stays open for load balancers; it reveals no data
 
