@@ -15,4 +15,5 @@ python="${PYTHON:-}"
 if [ -z "$python" ]; then
   if [ -x "$here/.venv/bin/python" ]; then python="$here/.venv/bin/python"; else python="python3"; fi
 fi
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"  # bounded glibc arenas keep resident memory flat
 exec "$python" -m clap_ws serve --host "${HOST:-127.0.0.1}" --port "${PORT:-32051}" "$@"
