@@ -21,6 +21,8 @@ import numpy as np
 
 import faiss
 
+from .similarity import unit  # noqa: F401  (re-exported: callers normalise queries with it)
+
 DIM = 512
 HNSW_THRESHOLD = 20_000  # flat search of 20k items takes about 3 ms here; 100k about 16 ms
 HNSW_M = 32
@@ -28,11 +30,6 @@ EF_CONSTRUCTION = 40
 EF_SEARCH = 128
 KINDS = ("auto", "flat", "hnsw")
 _SCAN_LIMIT = 20_000  # filtered subsets up to this size are scanned exactly with numpy
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def choose_kind(n: int, kind: str = "auto", threshold: int = HNSW_THRESHOLD) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import ClapModel
+from .similarity import unit
 
 
 @dataclass
@@ -40,11 +41,6 @@ class Result:
     embeddings: np.ndarray
     queue_ms: float
     model_ms: float
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
 class Inference:
@@ -85,7 +81,7 @@ class Inference:
         ])
         # mean of each clip's raw window outputs, then unit length
         bounds = np.cumsum([0] + counts)
-        per_clip = l2_normalize(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
+        per_clip = unit(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
         out, start = [], 0
         for job in jobs:
             out.append(per_clip[start : start + len(job.clips)])

@@ -26,7 +26,6 @@ embeddings would live in a different space.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -40,7 +39,7 @@ from .audio import AudioSpec, prepare, windows
 from .errors import ClapError, ModelError
 from .index import HNSW_THRESHOLD, VectorIndex, choose_kind, unit
 from .inference import AudioJob, Inference
-from .model import ClapModel
+from .model import ClapModel, sha256_of
 from .storage import read_npz, write_npz
 
 FORMAT = "clap-ws library"
@@ -145,14 +144,6 @@ def scan(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_audio(path: Path, max_seconds: float) -> tuple[np.ndarray, dict]:
     """Decode a file with libsndfile; returns its 10-s windows and its metadata."""
     import soundfile as sf
@@ -214,7 +205,7 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
         old = known.get(rel)
         if old and old[0]["size"] == stat.st_size and old[0]["mtime_ns"] == stat.st_mtime_ns:
             keep[rel] = old
-        elif old and old[0]["sha256"] == sha256_file(path):
+        elif old and old[0]["sha256"] == sha256_of(path):
             keep[rel] = ({**old[0], "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, old[1])
         else:
             todo.append((path, rel, stat))
@@ -235,7 +226,7 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
                 report.skipped.append((rel, exc.message))
                 continue
             tags = list(Path(rel).parent.parts)
-            metas.append({"path": rel, **meta, "sha256": sha256_file(path), "size": stat.st_size,
+            metas.append({"path": rel, **meta, "sha256": sha256_of(path), "size": stat.st_size,
                           "mtime_ns": stat.st_mtime_ns, "tags": tags})
             jobs.append(AudioJob([wins]))
         if jobs:

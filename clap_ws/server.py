@@ -49,7 +49,7 @@ from .library import Library
 from .model import ClapModel
 from .projection import Projection
 from .protocol import ConnectionDefaults, error_reply, parse_binary, parse_query, parse_text
-from .service import Service
+from .service import Service, done
 
 _log = logging.getLogger(__name__)
 PATHS = ("/", "/clap")
@@ -80,12 +80,6 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed; empty: any (and none)
     text_cache: int = 4096  # prompt embeddings kept (LRU)
     archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
-
-
-def _ready(payload: bytes, text: bool = True) -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
-    future.set_result((payload, text))
-    return future
 
 
 async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[bytes, bool]:
@@ -290,10 +284,10 @@ class ClapServer:
             work = self.service.dispatch(request, received, descriptor, self._server_info)
             return asyncio.ensure_future(_guarded(work, request_id))
         except ClapError as exc:
-            return _ready(error_reply(exc, request_id))
+            return done((error_reply(exc, request_id), True))
         except Exception:
             _log.exception("unexpected error handling a message")
-            return _ready(error_reply(ClapError("internal server error"), request_id))
+            return done((error_reply(ClapError("internal server error"), request_id), True))
 
 
 async def serve_until_signalled(model: ClapModel, config: ServerConfig, **parts) -> None:

@@ -87,7 +87,7 @@ class Service:
         if isinstance(request, ArchiveRequest):
             return self._archive(request)
         if isinstance(request, InfoRequest):
-            return _done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
+            return done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
@@ -266,7 +266,7 @@ def _ok(op: str, body: dict, request_id: Any) -> Reply:
     return ok_reply(op, body, request_id), True
 
 
-def _done(reply: Reply) -> asyncio.Future:
+def done(reply: Reply) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_result(reply)
     return future

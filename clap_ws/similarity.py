@@ -17,6 +17,12 @@ import collections
 import numpy as np
 
 
+def unit(x) -> np.ndarray:
+    """Rows scaled to unit length (float32); zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def cosine_matrix(a, b) -> np.ndarray:
     """(n, m) cosine similarities between rows of ``a`` and rows of ``b`` (float64)."""
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
