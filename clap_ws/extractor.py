@@ -30,13 +30,13 @@ class CLAPExtractor:
 
     def __init__(self, checkpoint_path: str | os.PathLike | None = None, device: str | None = None, *,
                  precision: str = "auto", untrained: bool = False, seed: int = 0,
-                 long_clip: str = "mean", max_seconds: float = float("inf"), max_batch: int = 32,
+                 long_clip: str = "mean", max_seconds: float = float("inf"),
                  model: ClapModel | None = None, **model_options):
         self.model = model or load_model(checkpoint_path, untrained=untrained, seed=seed, device=device,
                                          precision=precision, **model_options)
         self.long_clip = long_clip
         self.max_seconds = max_seconds
-        self._inference = Inference(self.model, max_windows=max_batch)
+        self._inference = Inference(self.model)
 
     def _run(self, job):
         (result,) = self._inference([job])

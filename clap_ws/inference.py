@@ -3,10 +3,11 @@
 A job is what one request asks of the model: one or more audio clips (already
 cut into 10-s windows by :mod:`clap_ws.audio`), or some texts.
 :class:`Inference` is the handler the batcher calls with a list of jobs: it
-runs every window of every audio job through the model in chunks of at most
-``max_windows``, averages the raw outputs of each clip's windows, and
+runs every window of every audio job through the model, averages the raw outputs of each clip's windows, and
 L2-normalises. The Python API (:class:`clap_ws.CLAPExtractor`) calls the same
-handler directly, so the server and the API cannot drift apart.
+handler directly, so the server and the API cannot drift apart. How many
+windows go through the network at once is the model's business (its
+``chunk``), because the best number depends on the device.
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ class Result:
 class Inference:
     """Batch handler: ``list[AudioJob | TextJob] -> list[Result | Exception]``."""
 
-    def __init__(self, model: ClapModel, max_windows: int = 32):
+    def __init__(self, model: ClapModel):
         self.model = model
-        self.max_windows = max_windows
 
     def __call__(self, jobs: list[AudioJob | TextJob]) -> list[Result | Exception]:
         started = time.perf_counter()
@@ -75,10 +75,7 @@ class Inference:
         clips = [clip for job in jobs for clip in job.clips]
         counts = [len(clip) for clip in clips]
         all_windows = clips[0] if len(clips) == 1 else np.concatenate(clips)
-        raw = np.concatenate([
-            self.model.embed_windows(all_windows[i : i + self.max_windows])
-            for i in range(0, len(all_windows), self.max_windows)
-        ])
+        raw = self.model.embed_windows(all_windows)
         # mean of each clip's raw window outputs, then unit length
         bounds = np.cumsum([0] + counts)
         per_clip = unit(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))

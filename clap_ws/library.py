@@ -215,7 +215,7 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
 
     journal.mkdir(exist_ok=True)
     chunk_no = len(list(journal.glob("chunk-*.npz")))
-    inference = Inference(model, max_windows=batch)
+    inference = Inference(model)
     bar = tqdm(total=len(todo), unit="file", desc="embedding", disable=not progress)
     for start in range(0, len(todo), batch):
         jobs, metas = [], []

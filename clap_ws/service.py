@@ -51,7 +51,7 @@ class Service:
         self.model = model
         self.max_seconds = max_seconds
         self.batcher = MicroBatcher(
-            Inference(model, max_windows=max_batch), max_batch=max_batch, max_wait_ms=max_wait_ms,
+            Inference(model), max_batch=max_batch, max_wait_ms=max_wait_ms,
             max_queue=max_queue, on_start=model.warm_up if warm_up else None,
         )
         identity = model_identity(model)

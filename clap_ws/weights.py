@@ -120,6 +120,7 @@ def download_tokenizer(cache: Path, *, base_url: str | None = None, timeout: flo
 
 def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool = False, seed: int = 0,
                audio_model: str = "HTSAT-tiny", device: str | None = None, precision: str = "auto",
+               chunk: int = 0, compile: bool = False,
                cache: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
                allow_pickle: bool = False, download_missing: bool = False):
     """Build the one model a process serves, from the options every subcommand shares."""
@@ -130,7 +131,8 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
     if untrained:
         if checkpoint:
             raise ModelError("--untrained and --checkpoint exclude each other")
-        return ClapModel.untrained(Architecture(audio_model), seed=seed, device=device, precision=precision)
+        return ClapModel.untrained(Architecture(audio_model), seed=seed, device=device, precision=precision,
+                                   chunk=chunk, compile=compile)
     path = find_checkpoint(checkpoint, folder)
     if path is None:
         if not download_missing:
@@ -144,4 +146,4 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
         _log.warning("roberta-base tokenizer files not found: text features are unavailable "
                      "(run `clap-ws download` or set CLAP_TOKENIZER_DIR); audio works")
     return ClapModel.from_checkpoint(path, device=device, precision=precision, tokenizer=tokenizer,
-                                     tokenizer_source=source, allow_pickle=allow_pickle)
+                                     tokenizer_source=source, allow_pickle=allow_pickle, chunk=chunk, compile=compile)

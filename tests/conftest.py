@@ -78,9 +78,9 @@ def model() -> ClapModel:
 
 
 @pytest.fixture(scope="session")
-def fp32_model(model) -> ClapModel:
-    """The same weights in fp32 (shares the network, no second build)."""
-    return ClapModel(model.net, model.architecture, model.identity, model.device, "fp32", model.tokenizer)
+def fp32_model() -> ClapModel:
+    """The same weights in fp32 (a second build: a bf16 model casts its own network's weights)."""
+    return ClapModel.untrained(Architecture("HTSAT-tiny"), seed=0, precision="fp32")
 
 
 @pytest.fixture(scope="session")

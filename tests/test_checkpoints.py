@@ -14,7 +14,11 @@ from conftest import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
 
 from clap_ws.errors import ModelError, TextUnavailable
 from clap_ws.extractor import CLAPExtractor
-from clap_ws.model import Architecture, ClapModel, detect_architecture, fusion_mel, read_checkpoint, sha256_of
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clap_ws.model import (Architecture, ClapModel, chunk_sizes, detect_architecture, fusion_mel, read_checkpoint,
+                           sha256_of)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,10 @@ def test_fusion_checkpoint_is_detected_and_runs(tmp_path):
     ex = CLAPExtractor(model=ClapModel.from_checkpoint(path, precision="fp32"))
     a, b = ex.extract_batch([chirp(seconds=3), chirp(seconds=25)])
     assert cosine(a, b) < 0.9999 and np.isfinite(a).all() and np.isfinite(b).all()
+    if ClapModel.untrained(precision="auto").precision == "bf16":  # the fusion input is cast with the weights
+        half = CLAPExtractor(model=ClapModel.from_checkpoint(path, precision="bf16"))
+        c, d = half.extract_batch([chirp(seconds=3), chirp(seconds=25)])
+        assert cosine(a, c) >= 0.999 and cosine(b, d) >= 0.999
 
 
 def test_fusion_mel_matches_librosa():
@@ -141,8 +149,50 @@ def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
 def test_bf16_stays_close_to_fp32(model, fp32_model):
     if model.precision != "bf16":
         pytest.skip("this CPU has no native bf16, so auto precision is fp32")
+    assert next(model.net.text_branch.parameters()).dtype == torch.bfloat16  # cast once, not autocast
+    assert next(fp32_model.net.text_branch.parameters()).dtype == torch.float32
     clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
     a = CLAPExtractor(model=model).extract_batch(clips)
     b = CLAPExtractor(model=fp32_model).extract_batch(clips)
     for x, y in zip(a, b):
         assert cosine(x, y) >= 0.999
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
+    for x, y in zip(model.embed_text(texts), fp32_model.embed_text(texts)):
+        assert cosine(x, y) >= 0.999
+    assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
+
+
+@given(count=st.integers(0, 200), chunk=st.integers(1, 64))
+def test_chunk_sizes_are_powers_of_two_within_the_chunk(count, chunk):
+    sizes = chunk_sizes(count, chunk)
+    assert sum(sizes) == count and sizes == sorted(sizes, reverse=True)
+    assert all(s & (s - 1) == 0 and 1 <= s <= chunk for s in sizes)
+    assert len(sizes) <= count // (1 << (chunk.bit_length() - 1)) + chunk.bit_length()
+
+
+def test_chunked_windows_match_one_at_a_time(fp32_model):
+    windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=1), tone(seconds=10), noise(seconds=10, seed=2),
+                        tone(seconds=10, freq=880), chirp(seconds=10) * 0.1, noise(seconds=10, seed=3)])
+    assert fp32_model.chunk == 4  # auto on a CPU: 7 windows run as 4 + 2 + 1
+    together = fp32_model.embed_windows(windows)
+    one = ClapModel(fp32_model.net, fp32_model.architecture, fp32_model.identity, fp32_model.device, "fp32", chunk=1)
+    alone = one.embed_windows(windows)
+    assert together.shape == alone.shape == (7, 512)
+    for x, y in zip(together, alone):
+        assert cosine(x, y) >= 0.99999
+
+
+def test_compiled_model_matches_eager(model):
+    """--compile: the audio tower compiled (one chunk shape here, ~40 s) gives the eager embeddings."""
+    compiled = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision,
+                         chunk=1, compile=True)
+    compiled.warm_up()
+    assert compiled.describe()["compiled"] is True and model.describe()["compiled"] is False
+    clips = [tone(seconds=2), chirp(seconds=10), noise(seconds=15, seed=4)]
+    a = CLAPExtractor(model=compiled).extract_batch(clips)
+    b = CLAPExtractor(model=model).extract_batch(clips)
+    for x, y in zip(a, b):
+        assert cosine(x, y) >= 0.999
+    fusion = Architecture("HTSAT-tiny", "aff_2d")
+    with pytest.raises(ModelError, match="non-fusion"):
+        ClapModel(model.net, fusion, model.identity, model.device, model.precision, compile=True)
