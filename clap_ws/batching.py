@@ -8,6 +8,13 @@ await a future; a single worker thread takes whatever is pending (up to
 ``max_batch``), waits at most ``max_wait_ms`` for more, calls the handler,
 and settles the futures back on the loop. The loop never runs the model.
 
+Batches form without waiting: while the model runs, new requests queue, and
+the worker takes all of them (up to ``max_batch``) when it is free. The
+default ``max_wait_ms`` is therefore 0; a wait only adds latency when the
+model is idle (measured, 2-core CPU: 1 client p50 67 ms with 0 vs 74 ms with
+2 ms, 16 clients 16.4 vs 14.7 sounds/s). Raise it where a batch costs little
+more than one item (a GPU) and clients arrive in bursts.
+
 Why a thread: torch releases the GIL in its kernels, a thread shares the
 resident model without copying it, and one worker serialises access to it.
 Every model call, the warm-up included (``on_start``), happens on that one
@@ -61,7 +68,7 @@ class MicroBatcher(Generic[T, R]):
         handler: Callable[[list[T]], Sequence[R]],
         *,
         max_batch: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         name: str = "clap-inference",
         on_start: Callable[[], object] | None = None,

@@ -66,7 +66,7 @@ class ServerConfig:
     sample_rate: float = 48_000  # for binary frames without ?sample_rate=
     max_seconds: float = 60.0
     max_batch: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0  # batches still form while the model is busy; see batching.py
     max_queue: int = 1024
     max_items: int = 1024  # buffers, embeddings, texts or prompts per request
     max_frame_mb: float = 128.0

@@ -44,7 +44,7 @@ Reply = tuple[bytes, bool]
 class Service:
     """The application: embeddings, similarity, libraries, archives."""
 
-    def __init__(self, model: ClapModel, *, max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 1024,
+    def __init__(self, model: ClapModel, *, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024,
                  max_seconds: float = 60.0, warm_up: bool = True, libraries: list[Library] = (),
                  archives: Archives | None = None, projection: Projection | None = None,
                  text_cache: int = 4096):

@@ -1,0 +1,119 @@
+"""MicroBatcher on its own: its two knobs, its bound, and what it does with failures."""
+
+import asyncio
+import threading
+
+import pytest
+
+from clap_ws.batching import MicroBatcher
+from clap_ws.errors import Busy, ClapError
+
+
+class Recorder:
+    """A handler that records each batch and can be held back, to make batches form on purpose."""
+
+    def __init__(self, fail_on=None):
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on = fail_on
+
+    def __call__(self, items):
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [i * 10 for i in items]
+
+
+async def started(batcher: MicroBatcher) -> MicroBatcher:
+    batcher.start()
+    await asyncio.get_running_loop().run_in_executor(None, batcher.ready.wait, 10)
+    return batcher
+
+
+async def test_requests_queued_while_the_model_is_busy_form_one_batch_without_waiting():
+    handler = Recorder()
+    batcher = await started(MicroBatcher(handler, max_batch=8, max_wait_ms=0))
+    try:
+        handler.gate.clear()
+        first = batcher.submit(0)
+        await asyncio.sleep(0.1)  # the worker holds item 0 in the handler
+        rest = [batcher.submit(i) for i in range(1, 12)]
+        handler.gate.set()
+        assert await asyncio.gather(first, *rest) == [i * 10 for i in range(12)]
+        assert handler.batches == [[0], list(range(1, 9)), list(range(9, 12))]  # FIFO, at most max_batch
+        assert (batcher.batches, batcher.items) == (3, 12)
+    finally:
+        batcher.stop(5)
+
+
+async def test_max_wait_gathers_requests_that_arrive_close_together():
+    handler = Recorder()
+    batcher = await started(MicroBatcher(handler, max_batch=4, max_wait_ms=300))
+    try:
+        futures = []
+        for i in range(4):
+            futures.append(batcher.submit(i))
+            await asyncio.sleep(0.02)
+        assert await asyncio.gather(*futures) == [0, 10, 20, 30]
+        assert handler.batches == [[0, 1, 2, 3]]  # a full batch goes at once, not after 300 ms
+    finally:
+        batcher.stop(5)
+
+
+async def test_full_queue_is_busy_at_once_and_nothing_queued_is_lost():
+    handler = Recorder()
+    batcher = await started(MicroBatcher(handler, max_batch=2, max_queue=3))
+    try:
+        handler.gate.clear()
+        held = batcher.submit(0)
+        await asyncio.sleep(0.1)
+        queued = [batcher.submit(i) for i in (1, 2, 3)]
+        with pytest.raises(Busy, match="queue is full"):
+            batcher.submit(4)
+        handler.gate.set()
+        assert await asyncio.gather(held, *queued) == [0, 10, 20, 30]
+    finally:
+        batcher.stop(5)
+
+
+async def test_a_failing_batch_fails_only_its_own_items_and_a_cancelled_item_is_not_run():
+    handler = Recorder(fail_on=2)
+    batcher = await started(MicroBatcher(handler, max_batch=2))
+    try:
+        handler.gate.clear()
+        held = batcher.submit(0)
+        await asyncio.sleep(0.1)
+        bad = [batcher.submit(1), batcher.submit(2)]
+        gone = batcher.submit(3)
+        good = batcher.submit(4)
+        gone.cancel()
+        handler.gate.set()
+        assert await held == 0
+        for future in bad:
+            with pytest.raises(ClapError, match="bad item 2"):
+                await future
+        assert await good == 40
+        assert [3] not in handler.batches and all(3 not in b for b in handler.batches)
+        assert batcher.dropped == 1 and batcher.alive
+    finally:
+        batcher.stop(5)
+
+
+async def test_stop_finishes_what_is_queued_then_refuses():
+    handler = Recorder()
+    batcher = await started(MicroBatcher(handler, max_batch=1))
+    handler.gate.clear()
+    futures = [batcher.submit(i) for i in range(3)]
+    handler.gate.set()
+    await asyncio.get_running_loop().run_in_executor(None, batcher.stop, 5)
+    assert await asyncio.gather(*futures) == [0, 10, 20]
+    with pytest.raises(ClapError, match="stopping"):
+        batcher.submit(9)
+
+
+def test_invalid_knobs_are_rejected():
+    for kwargs in ({"max_batch": 0}, {"max_queue": 0}, {"max_wait_ms": -1}):
+        with pytest.raises(ValueError):
+            MicroBatcher(lambda items: items, **kwargs)
