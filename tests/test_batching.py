@@ -1,6 +1,7 @@
 """MicroBatcher on its own: its two knobs, its bound, and what it does with failures."""
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -26,16 +27,20 @@ class Recorder:
         return [i * 10 for i in items]
 
 
-async def started(batcher: MicroBatcher) -> MicroBatcher:
+@contextlib.asynccontextmanager
+async def running(handler, **knobs):
+    batcher = MicroBatcher(handler, **knobs)
     batcher.start()
     await asyncio.get_running_loop().run_in_executor(None, batcher.ready.wait, 10)
-    return batcher
+    try:
+        yield batcher
+    finally:
+        batcher.stop(5)
 
 
 async def test_requests_queued_while_the_model_is_busy_form_one_batch_without_waiting():
     handler = Recorder()
-    batcher = await started(MicroBatcher(handler, max_batch=8, max_wait_ms=0))
-    try:
+    async with running(handler, max_batch=8, max_wait_ms=0) as batcher:
         handler.gate.clear()
         first = batcher.submit(0)
         await asyncio.sleep(0.1)  # the worker holds item 0 in the handler
@@ -44,28 +49,22 @@ async def test_requests_queued_while_the_model_is_busy_form_one_batch_without_wa
         assert await asyncio.gather(first, *rest) == [i * 10 for i in range(12)]
         assert handler.batches == [[0], list(range(1, 9)), list(range(9, 12))]  # FIFO, at most max_batch
         assert (batcher.batches, batcher.items) == (3, 12)
-    finally:
-        batcher.stop(5)
 
 
 async def test_max_wait_gathers_requests_that_arrive_close_together():
     handler = Recorder()
-    batcher = await started(MicroBatcher(handler, max_batch=4, max_wait_ms=300))
-    try:
+    async with running(handler, max_batch=4, max_wait_ms=300) as batcher:
         futures = []
         for i in range(4):
             futures.append(batcher.submit(i))
             await asyncio.sleep(0.02)
         assert await asyncio.gather(*futures) == [0, 10, 20, 30]
         assert handler.batches == [[0, 1, 2, 3]]  # a full batch goes at once, not after 300 ms
-    finally:
-        batcher.stop(5)
 
 
 async def test_full_queue_is_busy_at_once_and_nothing_queued_is_lost():
     handler = Recorder()
-    batcher = await started(MicroBatcher(handler, max_batch=2, max_queue=3))
-    try:
+    async with running(handler, max_batch=2, max_queue=3) as batcher:
         handler.gate.clear()
         held = batcher.submit(0)
         await asyncio.sleep(0.1)
@@ -74,14 +73,11 @@ async def test_full_queue_is_busy_at_once_and_nothing_queued_is_lost():
             batcher.submit(4)
         handler.gate.set()
         assert await asyncio.gather(held, *queued) == [0, 10, 20, 30]
-    finally:
-        batcher.stop(5)
 
 
 async def test_a_failing_batch_fails_only_its_own_items_and_a_cancelled_item_is_not_run():
     handler = Recorder(fail_on=2)
-    batcher = await started(MicroBatcher(handler, max_batch=2))
-    try:
+    async with running(handler, max_batch=2) as batcher:
         handler.gate.clear()
         held = batcher.submit(0)
         await asyncio.sleep(0.1)
@@ -97,13 +93,12 @@ async def test_a_failing_batch_fails_only_its_own_items_and_a_cancelled_item_is_
         assert await good == 40
         assert [3] not in handler.batches and all(3 not in b for b in handler.batches)
         assert batcher.dropped == 1 and batcher.alive
-    finally:
-        batcher.stop(5)
 
 
 async def test_stop_finishes_what_is_queued_then_refuses():
     handler = Recorder()
-    batcher = await started(MicroBatcher(handler, max_batch=1))
+    batcher = MicroBatcher(handler, max_batch=1)
+    batcher.start()
     handler.gate.clear()
     futures = [batcher.submit(i) for i in range(3)]
     handler.gate.set()
