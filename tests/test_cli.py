@@ -202,3 +202,22 @@ def test_failed_download_is_quick_and_leaves_nothing(tmp_path, mirror):
                          timeout=2)
     assert time.monotonic() - started < 10
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*"))
+
+
+def test_load_model_builds_on_a_thread_that_ends_and_reraises_its_errors(tmp_path, monkeypatch):
+    """Building leaves no OpenMP pool on the caller's thread (see weights.load_model)."""
+    from clap_ws.model import ClapModel
+
+    seen = []
+    original = ClapModel.untrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(threading.current_thread())
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ClapModel, "untrained", classmethod(spy))
+    model = weights.load_model(untrained=True, precision="fp32", chunk=2)
+    assert model.chunk == 2 and model.identity.untrained
+    assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(ModelError, match="missing.pt not found"):  # raised on the builder, re-raised here
+        weights.load_model(tmp_path / "missing.pt")
