@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clap_ws.index import VectorIndex, unit
+from clap_ws.index import VectorIndex
+from clap_ws.similarity import unit
 
 ROOT = Path(__file__).resolve().parent.parent
 

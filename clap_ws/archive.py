@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ClapError
-from .index import VectorIndex, unit
+from .index import VectorIndex
+from .similarity import unit
 from .storage import read_npz, write_npz
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

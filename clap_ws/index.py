@@ -21,7 +21,6 @@ import numpy as np
 
 import faiss
 
-from .similarity import unit  # noqa: F401  (re-exported: callers normalise queries with it)
 
 DIM = 512
 HNSW_THRESHOLD = 20_000  # flat search of 20k items takes about 3 ms here; 100k about 16 ms

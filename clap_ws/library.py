@@ -36,10 +36,12 @@ from typing import Callable
 import numpy as np
 
 from .audio import AudioSpec, prepare, windows
+from .checkpoint import sha256_of
 from .errors import ClapError, ModelError
-from .index import HNSW_THRESHOLD, VectorIndex, choose_kind, unit
+from .index import HNSW_THRESHOLD, VectorIndex, choose_kind
 from .inference import AudioJob, Inference
-from .model import ClapModel, sha256_of
+from .model import ClapModel
+from .similarity import unit
 from .storage import read_npz, write_npz
 
 FORMAT = "clap-ws library"

@@ -10,7 +10,8 @@ clip before normalising.
 Decisions made here, once, at construction:
 
 * architecture - read from the checkpoint's tensors (HTSAT tiny/base/large,
-  fusion or not), so picking the wrong ``amodel`` cannot happen;
+  fusion or not; :mod:`clap_ws.checkpoint`), so picking the wrong ``amodel``
+  cannot happen;
 * device - CUDA, then MPS, then CPU, unless told;
 * precision - ``auto`` is bf16 on CUDA and on CPUs with native bf16
   (AVX512-BF16 or AMX), else fp32. The spectrogram front end always runs in
@@ -46,10 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
-import pickle
 import platform
 import time
 from dataclasses import dataclass, field
@@ -59,7 +58,9 @@ import numpy as np
 import torch
 
 from . import laion
+from .checkpoint import Architecture, Identity, detect_architecture, read_checkpoint, sha256_of
 from .errors import ModelError, TextUnavailable
+from .towers import AudioTower, TextTower, cast_weights, chunk_sizes, fft_stft, fp32_forward
 from .tokenizer import byte_level_tokenizer, tokenize
 
 SAMPLE_RATE = 48_000
@@ -69,99 +70,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CHUNK, GPU_CHUNK = 4, 32
 _log = logging.getLogger(__name__)
-
-# HTSAT variants by the width of the patch embedding (laion-clap's htsat.py).
-_HTSAT_BY_WIDTH = {96: "HTSAT-tiny", 128: "HTSAT-base", 256: "HTSAT-large"}
-_PATCH_KEY = "audio_branch.patch_embed.proj.weight"
-_FUSION_PREFIX = "audio_branch.patch_embed.fusion_model."
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What laion-clap must build: an HTSAT audio encoder, fused or not."""
-
-    audio: str = "HTSAT-tiny"
-    fusion_type: str | None = None  # laion-clap's name, e.g. "aff_2d"
-
-    @property
-    def fusion(self) -> bool:
-        return self.fusion_type is not None
-
-    def describe(self) -> str:
-        return self.audio + (f" + fusion ({self.fusion_type})" if self.fusion else "")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Which weights produced an embedding; sent with every reply."""
-
-    name: str  # checkpoint file name, or "untrained"
-    sha256: str | None = None
-    path: str | None = None
-    seed: int | None = None
-
-    @property
-    def untrained(self) -> bool:
-        return self.name == "untrained"
-
-
-def detect_architecture(state_dict: dict) -> Architecture:
-    """Work out laion-clap's ``amodel`` and fusion type from checkpoint tensors."""
-    weight = state_dict.get(_PATCH_KEY)
-    if weight is None:
-        raise ModelError(
-            f"not a LAION-CLAP HTSAT checkpoint: it has no {_PATCH_KEY!r} tensor "
-            f"({len(state_dict)} tensors, e.g. {', '.join(list(state_dict)[:3])})"
-        )
-    audio = _HTSAT_BY_WIDTH.get(int(weight.shape[0]))
-    if audio is None:
-        raise ModelError(f"unknown HTSAT width {weight.shape[0]} (known: {sorted(_HTSAT_BY_WIDTH)})")
-    fusion_keys = [k for k in state_dict if k.startswith(_FUSION_PREFIX)]
-    if not fusion_keys:
-        return Architecture(audio)
-    if any(".local_att2." in k for k in fusion_keys):
-        return Architecture(audio, "iaff_2d")
-    return Architecture(audio, "aff_2d")
-
-
-def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
-    """A checkpoint's state dict with laion-clap's ``module.`` prefixes removed.
-
-    Loading uses ``weights_only=True``: a checkpoint is a pickle, and a full
-    unpickle runs whatever code it names. ``allow_pickle`` lifts that for
-    trusted files in an older format.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch's zip format, or a legacy pickle
-        raise ModelError(f"cannot read checkpoint {path}: not a file written by torch.save")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
-        raise ModelError(
-            f"{path.name} holds objects other than tensors, which are not loaded "
-            f"by default (a checkpoint is a pickle and can run code). If the file is "
-            f"from a trusted source, pass --allow-pickle. {detail}".strip()
-        ) from None
-    except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {exc}") from None
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise ModelError(f"{path.name} holds no state_dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def resolve_device(requested: str | None = None) -> torch.device:
     """``cuda`` > ``mps`` > ``cpu`` unless ``requested`` (or ``CLAP_DEVICE``) names one."""
@@ -208,142 +116,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _fp32_forward(module: torch.nn.Module) -> None:
-    """Run ``module`` in fp32 even inside an autocast region."""
-    forward = module.forward
-    device_type = next(module.buffers(), torch.empty(0)).device.type
-
-    def fp32(x, *args, **kwargs):
-        with torch.autocast(device_type, enabled=False):
-            return forward(x.float(), *args, **kwargs)
-
-    module.forward = fp32
-
-
-def _fft_stft(stft: torch.nn.Module) -> bool:
-    """Swap torchlibrosa's conv1d STFT for ``torch.stft`` when its kernels are a plain DFT.
-
-    torchlibrosa computes the spectrogram as two 1024x513 convolutions (about
-    2 GFLOP per 10-s window); an FFT gives the same numbers for a fraction of
-    that. The kernels are frozen in every LAION-CLAP checkpoint, but they are
-    checked here anyway: if they are not a windowed DFT, nothing is changed.
-    """
-    real, imag = stft.conv_real.weight[:, 0, :], stft.conv_imag.weight[:, 0, :]
-    n_fft = real.shape[1]
-    window = real[0].detach().clone()  # the k=0 row is the window itself
-    angle = 2 * np.pi * torch.outer(torch.arange(real.shape[0], dtype=torch.float64),
-                                    torch.arange(n_fft, dtype=torch.float64)) / n_fft
-    expected = torch.cos(angle) * window.double(), torch.sin(angle) * window.double()
-    if not (torch.allclose(real.double().cpu(), expected[0].cpu(), atol=1e-5)
-            and torch.allclose(imag.double().abs().cpu(), expected[1].abs().cpu(), atol=1e-5)):
-        return False
-    hop, center, pad_mode = stft.hop_length, stft.center, stft.pad_mode
-
-    def forward(x):
-        spec = torch.stft(x.float(), n_fft, hop_length=hop, win_length=n_fft, window=window.to(x.device),
-                          center=center, pad_mode=pad_mode, return_complex=True)
-        spec = spec.transpose(1, 2)[:, None]  # (B, 1, T, F) like torchlibrosa
-        return spec.real, spec.imag
-
-    stft.forward = forward
-    return True
-
-
-def chunk_sizes(count: int, chunk: int) -> list[int]:
-    """Split ``count`` windows into powers of two of at most ``chunk``, largest first."""
-    sizes = []
-    while count:
-        size = min(chunk, 1 << (count.bit_length() - 1))
-        size = 1 << (size.bit_length() - 1)
-        sizes.append(size)
-        count -= size
-    return sizes
-
-
-def _cast_weights(net: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast ``net`` to ``dtype`` once, keeping the spectrogram front end in fp32.
-
-    The front end's output is cast to ``dtype`` for the layers after it.
-    Idempotent, because tests build several :class:`ClapModel` on one network.
-    """
-    branch = net.audio_branch
-    if getattr(branch, "_clap_ws_dtype", None) == dtype:
-        return
-    net.to(dtype)
-    names = [n for n in ("spectrogram_extractor", "logmel_extractor") if hasattr(branch, n)]
-    for name in names:
-        getattr(branch, name).float()
-    if names:
-        last = getattr(branch, names[-1])
-        forward = last.forward
-        last.forward = lambda x, *args, **kwargs: forward(x.float(), *args, **kwargs).to(dtype)
-    branch._clap_ws_dtype = dtype
-
-
-class _AudioTower(torch.nn.Module):
-    """Waveforms to raw audio embeddings: laion-clap's audio branch and projection as one module.
-
-    It is the unit that ``torch.compile`` sees; eager models call it too, so
-    both paths run the same code.
-    """
-
-    def __init__(self, net: torch.nn.Module, fusion: bool):
-        super().__init__()
-        self.branch, self.projection, self.fusion = net.audio_branch, net.audio_projection, fusion
-        self.audio_cfg = net.audio_cfg
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        batch = {"waveform": waveform,
-                 "longer": torch.zeros(waveform.shape[0], dtype=torch.bool, device=waveform.device)}
-        if self.fusion:
-            dtype = self.projection[0].weight.dtype
-            batch["mel_fusion"] = fusion_mel(waveform, self.audio_cfg).to(dtype)
-        return self.projection(self.branch(batch, mixup_lambda=None, device=waveform.device)["embedding"])
-
-
-class _TextTower(torch.nn.Module):
-    """Token ids to raw text embeddings: laion-clap's RoBERTa branch and projection as one module."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.branch, self.projection = net.text_branch, net.text_projection
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.branch(input_ids=input_ids, attention_mask=attention_mask)["pooler_output"])
-
-
-def fusion_mel(windows: torch.Tensor, audio_cfg) -> torch.Tensor:
-    """laion-clap's fusion input for windows of <= 10 s: 4 copies of the log-mel.
-
-    laion-clap computes it with torchaudio's MelSpectrogram (HTK mel scale, no
-    filter normalisation, power 2, centred reflect padding) and
-    ``AmplitudeToDB``; this is the same computation in plain torch, because
-    torchaudio has no CPU build for every torch.
-    """
-    n_fft, hop = audio_cfg.window_size, audio_cfg.hop_size
-    spec = torch.stft(
-        windows.float(), n_fft, hop_length=hop, win_length=n_fft,
-        window=torch.hann_window(n_fft, device=windows.device), center=True,
-        pad_mode="reflect", return_complex=True,
-    ).abs().pow(2)  # (B, F, T)
-    freqs = torch.linspace(0, audio_cfg.sample_rate // 2, n_fft // 2 + 1, device=windows.device)
-
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    mels = torch.linspace(hz_to_mel(audio_cfg.fmin), hz_to_mel(audio_cfg.fmax),
-                          audio_cfg.mel_bins + 2, device=windows.device)
-    edges = 700.0 * (10 ** (mels / 2595.0) - 1.0)
-    slopes = edges[None, :] - freqs[:, None]
-    widths = edges[1:] - edges[:-1]
-    down = -slopes[:, :-2] / widths[:-1]
-    up = slopes[:, 2:] / widths[1:]
-    bank = torch.clamp(torch.minimum(down, up), min=0)  # (F, mel_bins)
-    mel = torch.einsum("bft,fm->btm", spec, bank)
-    log_mel = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
-    return log_mel[:, None].expand(-1, 4, -1, -1)  # (B, 4, T, mel_bins)
-
-
 @dataclass
 class ClapModel:
     """One CLAP network on one device, ready for inference. Build with a classmethod."""
@@ -369,17 +141,17 @@ class ClapModel:
         self._logit_scale = float(self.net.logit_scale_a.detach().float().exp())
         branch = self.net.audio_branch
         if hasattr(branch, "spectrogram_extractor"):
-            _fft_stft(branch.spectrogram_extractor.stft)
+            fft_stft(branch.spectrogram_extractor.stft)
         self._autocast = contextlib.nullcontext
         if self.precision != "fp32" and self.device.type == "cpu":
-            _cast_weights(self.net, _DTYPES[self.precision])
+            cast_weights(self.net, _DTYPES[self.precision])
         elif self.precision != "fp32":
             self._autocast = functools.partial(torch.autocast, self.device.type, dtype=_DTYPES[self.precision])
             for name in ("spectrogram_extractor", "logmel_extractor"):
                 if hasattr(branch, name):
-                    _fp32_forward(getattr(branch, name))
-        self._audio = _AudioTower(self.net, self.architecture.fusion)
-        self._text = _TextTower(self.net)
+                    fp32_forward(getattr(branch, name))
+        self._audio = AudioTower(self.net, self.architecture.fusion)
+        self._text = TextTower(self.net)
         if self.compile:
             if self.architecture.fusion:
                 raise ModelError("compile supports non-fusion checkpoints only (the fusion branch "

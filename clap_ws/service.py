@@ -27,15 +27,14 @@ import numpy as np
 from .archive import Archives
 from .audio import load, windows
 from .batching import MicroBatcher
-from .errors import ClapError, TextUnavailable
-from .index import unit
+from .errors import ClapError
 from .inference import AudioJob, Inference, TextJob
 from .library import Library, model_identity
 from .model import ClapModel
 from .projection import Projection
 from .protocol import (ArchiveRequest, EmbedRequest, InfoRequest, SearchRequest, TextRequest, embedding_reply,
                        ok_reply)
-from .similarity import TextCache, cosine_matrix, softmax_probs
+from .similarity import TextCache, cosine_matrix, softmax_probs, unit
 
 _log = logging.getLogger(__name__)
 Reply = tuple[bytes, bool]

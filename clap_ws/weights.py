@@ -155,7 +155,8 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
 
 def _load_model(checkpoint, *, untrained, seed, audio_model, device, precision, chunk, compile, cache,
                 tokenizer_dir, allow_pickle, download_missing):
-    from .model import Architecture, ClapModel
+    from .checkpoint import Architecture
+    from .model import ClapModel
     from .tokenizer import find_tokenizer
 
     folder = cache_dir(cache)

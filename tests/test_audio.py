@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import chirp, noise, tone
 
-from clap_ws.audio import WINDOW, AudioSpec, decode_pcm, load, quantize, repeat_pad, window_starts, windows
+from clap_ws.audio import WINDOW, AudioSpec, decode_pcm, load, quantize, window_starts, windows
 from clap_ws.errors import AudioError
 
 

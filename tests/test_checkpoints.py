@@ -5,7 +5,6 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from clap_ws.extractor import CLAPExtractor
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clap_ws.model import (Architecture, ClapModel, chunk_sizes, detect_architecture, fusion_mel, read_checkpoint,
-                           sha256_of)
+from clap_ws.checkpoint import Architecture, detect_architecture, read_checkpoint, sha256_of
+from clap_ws.model import ClapModel
+from clap_ws.towers import chunk_sizes, fusion_mel
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_fusion_checkpoint_is_detected_and_runs(tmp_path):
 
 def test_fusion_mel_matches_librosa():
     librosa = pytest.importorskip("librosa")
-    from clap_ws.model import laion
+    from clap_ws import laion
 
     cfg = laion.load_clap_module().CLAPAudioCfp(**laion.model_config("HTSAT-tiny")["audio_cfg"])
     x = np.concatenate([chirp(seconds=5), noise(seconds=5)])

@@ -14,7 +14,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import websockets
 from conftest import ROOT, noise, tone
@@ -136,7 +135,7 @@ def test_checkpoint_from_environment_and_sigint(tmp_path, tiny_checkpoint):
 
 
 def weights_sha(path):
-    from clap_ws.model import sha256_of
+    from clap_ws.checkpoint import sha256_of
 
     return sha256_of(path)
 

@@ -1,7 +1,6 @@
 """Libraries: real audio files, real FAISS indexes, builds killed with SIGKILL, searches over a real server."""
 
 import base64
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,8 @@ from conftest import ROOT, ask, chirp, connect, cosine, noise, running_server, t
 
 from clap_ws.errors import ModelError
 from clap_ws.extractor import CLAPExtractor
-from clap_ws.index import VectorIndex, unit
+from clap_ws.index import VectorIndex
+from clap_ws.similarity import unit
 from clap_ws.library import Library, build, scan
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clap_ws.errors import ClapError
-from clap_ws.protocol import (ConnectionDefaults, EmbedRequest, InfoRequest, embedding_reply, error_reply,
+from clap_ws.protocol import (EmbedRequest, InfoRequest, embedding_reply, error_reply,
                               parse_binary, parse_query, parse_text)
 
 DEFAULTS = parse_query("", 48000)

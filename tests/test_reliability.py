@@ -23,7 +23,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import orjson
 import pytest
 import websockets
 from conftest import ROOT, noise, tone
