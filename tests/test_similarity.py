@@ -1,6 +1,8 @@
 """Text embeddings, prompt similarity, references, archives, novelty and behaviour descriptors on a real server."""
 
+import asyncio
 import base64
+import contextlib
 import json
 
 import numpy as np
@@ -43,6 +45,26 @@ async def test_embed_text_matches_the_api_and_the_cache_saves_model_calls(server
     assert second["cached"] == 3 and calls_after_second == calls  # no model call
     assert second["embeddings"] == first["embeddings"]
     assert partly["cached"] == 1 and server.service.text_model_calls == calls + 1
+
+
+async def test_a_prompt_asked_for_by_many_at_once_is_embedded_once(server, extractor):
+    prompt = ["a brand new prompt nobody asked for before", "a second fresh one"]
+    calls = server.service.text_model_calls
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(connect(server)) for _ in range(12)]
+        leaver = await stack.enter_async_context(connect(server))
+        await leaver.send(json.dumps({"op": "embed_text", "texts": prompt}))
+        await leaver.close()  # gone while its prompt is in flight: the others still get theirs
+        for ws in sockets:
+            await ws.send(json.dumps({"op": "embed_text", "texts": prompt[::-1] + prompt}))
+        replies = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for ws in sockets]
+        also_audio = await ask(sockets[0], {"audio_buffer": b64(tone(seconds=0.5)), "prompts": prompt})
+    assert all(r["status"] == "OK" and r["count"] == 4 for r in replies), replies[0]
+    assert all(r["embeddings"] == replies[0]["embeddings"] for r in replies)
+    np.testing.assert_allclose(replies[0]["embeddings"], extractor.extract_text(prompt[::-1] + prompt), atol=1e-5)
+    assert server.service.text_model_calls == calls + 1  # one model call for 13 requests
+    assert also_audio["status"] == "OK" and server.service.text_model_calls == calls + 1  # now cached
+    assert not server.service._texts_in_flight
 
 
 async def test_prompts_similarity_and_probs_match_compute_similarity(server, extractor):
