@@ -21,7 +21,6 @@ import numpy as np
 
 import faiss
 
-
 DIM = 512
 HNSW_THRESHOLD = 20_000  # flat search of 20k items takes about 3 ms here; 100k about 16 ms
 HNSW_M = 32

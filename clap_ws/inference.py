@@ -3,8 +3,8 @@
 A job is what one request asks of the model: one or more audio clips (already
 cut into 10-s windows by :mod:`clap_ws.audio`), or some texts.
 :class:`Inference` is the handler the batcher calls with a list of jobs: it
-runs every window of every audio job through the model, averages the raw outputs of each clip's windows, and
-L2-normalises. The Python API (:class:`clap_ws.CLAPExtractor`) calls the same
+runs every window of every audio job through the model, averages the raw
+outputs of each clip's windows, and L2-normalises. The Python API (:class:`clap_ws.CLAPExtractor`) calls the same
 handler directly, so the server and the API cannot drift apart. How many
 windows go through the network at once is the model's business (its
 ``chunk``), because the best number depends on the device.

@@ -19,10 +19,11 @@ roberta-base tokenizer files are fetched alongside, since text needs them.
 from __future__ import annotations
 
 import logging
+import functools
 import os
-import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import ModelError
@@ -119,6 +120,26 @@ def download_tokenizer(cache: Path, *, base_url: str | None = None, timeout: flo
     return folder
 
 
+def _on_a_thread_that_ends(build):
+    """Run ``build`` on a short-lived thread; its result or exception comes back to the caller.
+
+    Building a model runs torch ops, and the first torch op on a thread gives
+    that thread its own OpenMP pool; libgomp keeps a pool until its thread
+    ends, and with more pooled threads than cores it stops spinning between
+    parallel regions and sleeps instead, which made every model call from the
+    server's worker thread 50% slower (measured 89 vs 60 ms per window, 2
+    cores). Built this way, the pool that runs the model is the process's
+    only one.
+    """
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with ThreadPoolExecutor(1, thread_name_prefix="clap-model-build") as pool:
+            return pool.submit(build, *args, **kwargs).result()
+
+    return wrapper
+
+
+@_on_a_thread_that_ends
 def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool = False, seed: int = 0,
                audio_model: str = "HTSAT-tiny", device: str | None = None, precision: str = "auto",
                chunk: int = 0, compile: bool = False,
@@ -126,35 +147,8 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
                allow_pickle: bool = False, download_missing: bool = False):
     """Build the one model a process serves, from the options every subcommand shares.
 
-    The model is built on a short-lived thread. Building runs torch ops, and
-    the first torch op on a thread gives that thread its own OpenMP pool;
-    libgomp keeps a pool until its thread ends, and with more pooled threads
-    than cores it stops spinning between parallel regions and sleeps instead,
-    which made every model call from the server's worker thread 50% slower
-    (measured 89 vs 60 ms per window, 2 cores). Built here, the pool that
-    runs the model is the process's only one.
+    It is built on a thread that ends (see :func:`_on_a_thread_that_ends`).
     """
-    result: dict = {}
-
-    def build():
-        try:
-            result["model"] = _load_model(
-                checkpoint, untrained=untrained, seed=seed, audio_model=audio_model, device=device,
-                precision=precision, chunk=chunk, compile=compile, cache=cache, tokenizer_dir=tokenizer_dir,
-                allow_pickle=allow_pickle, download_missing=download_missing)
-        except BaseException as exc:  # re-raised on the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=build, name="clap-model-build")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["model"]
-
-
-def _load_model(checkpoint, *, untrained, seed, audio_model, device, precision, chunk, compile, cache,
-                tokenizer_dir, allow_pickle, download_missing):
     from .checkpoint import Architecture
     from .model import ClapModel
     from .tokenizer import find_tokenizer
