@@ -222,7 +222,11 @@ class ClapModel:
 
     @torch.inference_mode()
     def _embed_chunk(self, windows: np.ndarray) -> np.ndarray:
-        waveform = torch.from_numpy(windows).to(self.device, non_blocking=True)
+        windows = np.ascontiguousarray(windows)  # no copy when it already is
+        # One layout for every input: a size-1 axis may carry any stride (``clip[None]`` has 0), and a
+        # compiled tower is specialised on strides, so it would recompile (7 s) on the first real sound.
+        waveform = torch.from_numpy(windows).as_strided(windows.shape, (windows.shape[1], 1))
+        waveform = waveform.to(self.device, non_blocking=True)
         with self._autocast():
             return self._audio(waveform).float().cpu().numpy()
 
