@@ -204,6 +204,7 @@ def plan(quick: bool) -> list[Config]:
     configs += [
         Config("clap-ws, text prompt, uncached", "clap-ws auto", form="text-uncached"),
         Config("clap-ws, text prompt, cached", "clap-ws auto", form="text-cached"),
+        Config("clap-ws, text prompts, 16 clients, uncached", "clap-ws auto", clients=16, form="text-uncached"),
         Config("clap-ws, 48 kHz input (no resampling)", "clap-ws auto", rate=48000),
         Config("clap-ws, base64 JSON", "clap-ws auto", form="base64"),
         Config("clap-ws, binary replies", "clap-ws auto", form="binary-reply"),

@@ -4,9 +4,12 @@ A job is what one request asks of the model: one or more audio clips (already
 cut into 10-s windows by :mod:`clap_ws.audio`), or some texts.
 :class:`Inference` is the handler the batcher calls with a list of jobs: it
 runs every window of every audio job through the model, averages the raw
-outputs of each clip's windows, and L2-normalises. The Python API (:class:`clap_ws.CLAPExtractor`) calls the same
-handler directly, so the server and the API cannot drift apart. How many
-windows go through the network at once is the model's business (its
+outputs of each clip's windows, and L2-normalises; then it embeds the texts
+of all text jobs in one call (a prompt alone is bound by reading the text
+tower's weights, so several prompts in one call cost little more than one).
+The Python API (:class:`clap_ws.CLAPExtractor`) calls the same handler
+directly, so the server and the API cannot drift apart. How many windows or
+texts go through the network at once is the model's business (its
 ``chunk``), because the best number depends on the device.
 """
 
@@ -49,6 +52,7 @@ class Inference:
 
     def __init__(self, model: ClapModel):
         self.model = model
+        self.text_calls = 0  # batches that embedded texts: one model call each
 
     def __call__(self, jobs: list[AudioJob | TextJob]) -> list[Result | Exception]:
         started = time.perf_counter()
@@ -59,16 +63,23 @@ class Inference:
             model_ms = (time.perf_counter() - started) * 1000
             for i, emb in zip(audio, vectors):
                 results[i] = Result(emb, (started - jobs[i].enqueued) * 1000, model_ms)
-        for i, job in enumerate(jobs):
-            if isinstance(job, TextJob):
-                t0 = time.perf_counter()
-                try:
-                    emb = self.model.embed_text(job.texts)
-                except Exception as exc:  # e.g. no tokenizer: this job only
+        texts = [i for i, job in enumerate(jobs) if isinstance(job, TextJob)]
+        if texts:
+            text_started = time.perf_counter()
+            try:  # one model call for every text in the batch
+                vectors = self.model.embed_text([text for i in texts for text in jobs[i].texts])
+            except Exception as exc:  # e.g. no tokenizer: it fails every text job, and no audio job
+                for i in texts:
                     results[i] = exc
-                    continue
-                results[i] = Result(emb, (started - job.enqueued) * 1000,
-                                    (time.perf_counter() - t0) * 1000)
+            else:
+                self.text_calls += 1
+                model_ms = (time.perf_counter() - text_started) * 1000
+                start = 0
+                for i in texts:
+                    count = len(jobs[i].texts)
+                    results[i] = Result(vectors[start : start + count], (text_started - jobs[i].enqueued) * 1000,
+                                        model_ms)
+                    start += count
         return results
 
     def _embed_audio(self, jobs: list[AudioJob]) -> list[np.ndarray]:

@@ -55,8 +55,9 @@ class Service:
                  text_cache: int = 4096):
         self.model = model
         self.max_seconds = max_seconds
+        self.inference = Inference(model)
         self.batcher = MicroBatcher(
-            Inference(model), max_batch=max_batch, max_wait_ms=max_wait_ms,
+            self.inference, max_batch=max_batch, max_wait_ms=max_wait_ms,
             max_queue=max_queue, on_start=model.warm_up if warm_up else None,
         )
         identity = model_identity(model)
@@ -66,9 +67,13 @@ class Service:
         self.archives = archives or Archives()
         self.projection = projection
         self.text_cache = TextCache(text_cache)
-        self.text_model_calls = 0
         self._texts_in_flight: dict[str, asyncio.Future] = {}  # text -> future of its embedding row
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index")
+
+    @property
+    def text_model_calls(self) -> int:
+        """Model calls that embedded texts (all texts of one batch go in one call)."""
+        return self.inference.text_calls
 
     def close(self) -> None:
         self.batcher.stop(10)
@@ -135,7 +140,6 @@ class Service:
         error = ClapError("the text job was cancelled") if job.cancelled() else job.exception()
         if error is None:
             embeddings = job.result().embeddings
-            self.text_model_calls += 1
             self.text_cache.store(texts, embeddings)
         for i, text in enumerate(texts):
             if error is None:

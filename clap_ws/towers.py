@@ -4,6 +4,8 @@
   convolutions (checked against the checkpoint's frozen kernels);
 * :func:`cast_weights` / :func:`fp32_forward` - reduced precision with the
   spectrogram front end kept in fp32;
+* :func:`pack_linears` / :func:`unpack_linears` - bf16 weights laid out once
+  for oneDNN, for the memory-bound text tower on a CPU;
 * :class:`AudioTower` / :class:`TextTower` - each encoder and its projection
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
 * :func:`fusion_mel` - the fusion models' input, in plain torch;
@@ -86,6 +88,48 @@ def cast_weights(net: torch.nn.Module, dtype: torch.dtype) -> None:
         forward = last.forward
         last.forward = lambda x, *args, **kwargs: forward(x.float(), *args, **kwargs).to(dtype)
     branch._clap_ws_dtype = dtype
+
+
+def pack_linears(module: torch.nn.Module) -> int:
+    """Lay out every bf16 ``Linear`` weight in ``module`` once, in oneDNN's blocked format (CPU only).
+
+    A plain bf16 weight is re-laid-out by oneDNN on every call. With a few
+    tokens (a prompt is 5-20) a matmul reads its whole weight to do little
+    work, so the text tower is bound by memory traffic, and that re-layout
+    about halved the rate weights streamed in. Measured on 2 Zen 4 cores,
+    RoBERTa's 75 linears at 5 tokens (170 MB of weights, more than the
+    cache): 21 ms plain, 9 ms packed. Audio windows (thousands of tokens)
+    are bound by arithmetic instead and gained nothing, so callers pack the
+    text tower only. Costs a second copy of the packed weights (170 MB for
+    RoBERTa); the originals stay for ``state_dict`` and ``torch.compile``.
+    Returns how many were packed; packing twice packs nothing new.
+    """
+    count = 0
+    for linear in module.modules():
+        if type(linear) is not torch.nn.Linear or "forward" in vars(linear) or linear.weight.dtype != torch.bfloat16:
+            continue
+        with torch.no_grad():
+            packed, bias = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()), linear.bias
+
+        def forward(x, packed=packed, bias=bias):
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+        linear.forward = forward
+        count += 1
+    return count
+
+
+def unpack_linears(module: torch.nn.Module) -> None:
+    """Undo :func:`pack_linears` (before a cast, or for ``torch.compile``, which packs by itself)."""
+    for linear in module.modules():
+        if type(linear) is torch.nn.Linear:
+            vars(linear).pop("forward", None)
+
+
+def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`pack_linears` applies: bf16 weights on a CPU whose oneDNN has native bf16."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class AudioTower(torch.nn.Module):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from clap_ws.checkpoint import Architecture, detect_architecture, read_checkpoint, sha256_of
 from clap_ws.model import ClapModel
-from clap_ws.towers import chunk_sizes, fusion_mel
+from clap_ws.towers import can_pack_linears, chunk_sizes, fusion_mel, pack_linears, unpack_linears
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,34 @@ def test_bf16_stays_close_to_fp32(model, fp32_model):
     assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
 
 
+def packed(module):
+    """For each ``Linear`` in ``module``: whether :func:`pack_linears` gave it a packed forward."""
+    return ["forward" in vars(m) for m in module.modules() if type(m) is torch.nn.Linear]
+
+
+def test_bf16_text_tower_is_packed_once_and_matches_plain(model):
+    if model.precision != "bf16" or not can_pack_linears(model.device, torch.bfloat16):
+        pytest.skip("packing is for bf16 on a CPU whose oneDNN has native bf16")
+    fresh = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
+    text = [model.net.text_branch, model.net.text_projection]
+    assert all(all(packed(m)) and len(packed(m)) > 0 for m in text)
+    assert len(packed(model.net.text_branch)) == 73  # 12 layers x 6, and the pooler
+    assert not any(packed(model.net.audio_branch)) and not any(packed(model.net.audio_projection))
+    assert pack_linears(model.net.text_branch) == 0  # already packed
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
+    fast = fresh.embed_text(texts)
+    for m in text:
+        unpack_linears(m)
+    assert not any(packed(model.net.text_branch))
+    try:
+        plain = fresh.embed_text(texts)
+    finally:
+        for m in text:
+            pack_linears(m)
+    for x, y in zip(fast, plain):
+        assert cosine(x, y) >= 0.9999
+
+
 @given(count=st.integers(0, 200), chunk=st.integers(1, 64))
 def test_chunk_sizes_are_powers_of_two_within_the_chunk(count, chunk):
     sizes = chunk_sizes(count, chunk)
@@ -182,10 +210,20 @@ def test_chunked_windows_match_one_at_a_time(fp32_model):
         assert cosine(x, y) >= 0.99999
 
 
+def test_many_texts_go_through_in_chunks_with_the_same_result(model, monkeypatch):
+    monkeypatch.setattr("clap_ws.model.TEXT_CHUNK", 2)  # 5 texts run as 2 + 2 + 1
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack", "kick", "glass breaking"]
+    together = model.embed_text(texts)
+    assert together.shape == (5, 512) and model.embed_text([]).shape == (0, 512)
+    for text, row in zip(texts, together):
+        assert cosine(model.embed_text([text])[0], row) >= 0.9999
+
+
 def test_compiled_model_matches_eager(model):
     """--compile: both towers compiled (one audio chunk shape here; ~2 min on 2 cores) match eager."""
     compiled = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision,
                          model.tokenizer, chunk=1, compile=True)
+    assert not any(packed(model.net.text_branch))  # Inductor packs weights itself; it must not trace ours
     compiled.warm_up()
     assert compiled.describe()["compiled"] is True and model.describe()["compiled"] is False
     clips = [tone(seconds=2), chirp(seconds=10), noise(seconds=15, seed=4)]

@@ -11,6 +11,9 @@ import torch
 from conftest import ask, chirp, connect, noise, running_server, tone
 
 from clap_ws.archive import Archives
+from clap_ws.audio import windows
+from clap_ws.errors import TextUnavailable
+from clap_ws.inference import AudioJob, Inference, Result, TextJob
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.model import ClapModel
 from clap_ws.projection import Projection
@@ -119,6 +122,38 @@ async def test_similarity_errors(server):
             reply = await ask(ws, message)
             assert reply["status"] == "ERROR" and reply["error"]["code"] == code, (message, reply)
         assert (await ask(ws, {"op": "embed_text", "texts": ["still fine"]}))["status"] == "OK"
+
+
+async def test_different_prompts_at_the_same_moment_share_model_calls(server):
+    prompts = [f"a fresh prompt number {i}" for i in range(12)]
+    calls = server.service.text_model_calls
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(connect(server)) for _ in prompts]
+        for ws, prompt in zip(sockets, prompts):
+            await ws.send(json.dumps({"op": "embed_text", "texts": [prompt]}))
+        replies = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for ws in sockets]
+    assert all(r["status"] == "OK" and r["count"] == 1 for r in replies), replies[0]
+    # the first prompt runs alone; the others queue while it runs and go through in one call
+    assert 1 <= server.service.text_model_calls - calls <= 4, server.service.text_model_calls - calls
+    alone = server.service.model.embed_text(prompts)
+    for reply, expected in zip(replies, alone):
+        assert float(np.dot(reply["embeddings"][0], expected)) >= 0.9999
+
+
+def test_texts_of_one_batch_go_through_the_model_in_one_call(model):
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
+    jobs = [TextJob(texts[:1]), AudioJob([windows(tone(seconds=2))]), TextJob(texts[1:])]
+    inference = Inference(model)
+    first, audio, rest = inference(jobs)
+    assert inference.text_calls == 1
+    assert first.embeddings.shape == (1, 512) and rest.embeddings.shape == (2, 512)
+    assert audio.embeddings.shape == (1, 512)
+    for got, expected in zip(np.concatenate([first.embeddings, rest.embeddings]), model.embed_text(texts)):
+        assert float(np.dot(got, expected)) >= 0.9999
+    no_text = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision, None)
+    first, audio, rest = Inference(no_text)(jobs)  # a text failure fails the text jobs only
+    assert isinstance(first, TextUnavailable) and isinstance(rest, TextUnavailable)
+    assert isinstance(audio, Result) and audio.embeddings.shape == (1, 512)
 
 
 async def test_text_without_tokenizer_fails_clearly_and_audio_goes_on(model):
