@@ -62,8 +62,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk", type=int, default=0, metavar="N",
                        help="windows per network call (default auto: 4 on a CPU, 32 on a GPU)")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the audio and text towers at warm-up (2-core CPU: audio ~25%%, "
-                            "text ~40%% less time; about 2 minutes of compiling at start)")
+                       help="torch.compile the audio and text towers at warm-up (2-core CPU: audio ~25%% less "
+                            "time, text about the same; about 2.5 minutes of compiling at start)")
     group.add_argument("--cache-dir", help="where checkpoints live (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     group.add_argument("--tokenizer", metavar="DIR",
                        help="roberta-base tokenizer folder (default $CLAP_TOKENIZER_DIR, the cache, the HF cache)")

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 
+import faiss
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import ROOT, ask, chirp, connect, cosine, noise, running_server, tone
 
 from clap_ws.errors import ModelError
@@ -150,6 +153,38 @@ def test_library_from_another_model_is_refused(model, library_file, tmp_path):
 
     with pytest.raises(ModelError, match="cannot be compared"):
         ClapServer(model, libraries=[other])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), k=st.integers(1, 30), queries=st.integers(1, 3), keep=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_flat_search_is_exact_with_and_without_a_filter(n, k, queries, keep, seed):
+    rng = np.random.default_rng(seed)
+    vectors, q = unit(rng.standard_normal((n, 512))), unit(rng.standard_normal((queries, 512)))
+    index = VectorIndex(vectors[: n // 2], "flat")
+    index.add(vectors[n // 2 :])  # grown like an archive
+    mask = rng.random(n) < keep
+    for m in (None, mask):
+        candidates = np.arange(n) if m is None else np.flatnonzero(m)
+        scores, ids = index.search(q, k, m)
+        assert scores.shape == ids.shape == (queries, min(k, len(candidates)))
+        for row, (s, i) in enumerate(zip(scores, ids)):
+            expected = np.sort(q[row] @ vectors[candidates].T)[::-1][: len(s)]
+            np.testing.assert_allclose(s, expected, atol=1e-5)
+            np.testing.assert_allclose(s, vectors[i] @ q[row], atol=1e-5)  # ids match their scores
+            assert set(i) <= set(candidates)
+
+
+def test_flat_library_file_keeps_a_faiss_flat_index(tmp_path):
+    vectors = unit(np.random.default_rng(2).standard_normal((500, 512)))
+    model = {"name": "untrained", "sha256": None, "seed": 0, "architecture": "HTSAT-tiny"}
+    Library("f", model, [{"path": f"{i}.wav", "tags": []} for i in range(500)],
+            VectorIndex(vectors, "flat")).save(tmp_path / "f.npz")
+    stored = faiss.deserialize_index(np.load(tmp_path / "f.npz")["index"])  # what earlier versions read
+    assert stored.ntotal == 500 and isinstance(stored, faiss.IndexFlatIP)
+    lib = Library.load(tmp_path / "f.npz")
+    assert lib.index.kind == "flat" and lib.index.index is None  # searched by a scan, not a second copy
+    assert lib.search(vectors[42], 1)[0][0]["path"] == "42.wav"
 
 
 def test_hnsw_recall_at_10_on_a_synthetic_100k_library():
