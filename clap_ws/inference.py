@@ -52,7 +52,7 @@ class Inference:
 
     def __init__(self, model: ClapModel):
         self.model = model
-        self.text_calls = 0  # batches that embedded texts: one model call each
+        self.text_calls = 0  # batches whose texts went through the model (in calls of up to 64 texts)
 
     def __call__(self, jobs: list[AudioJob | TextJob]) -> list[Result | Exception]:
         started = time.perf_counter()

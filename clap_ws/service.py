@@ -72,7 +72,7 @@ class Service:
 
     @property
     def text_model_calls(self) -> int:
-        """Model calls that embedded texts (all texts of one batch go in one call)."""
+        """Batches that embedded texts: the texts of one batch share a call (of up to 64 texts)."""
         return self.inference.text_calls
 
     def close(self) -> None:
