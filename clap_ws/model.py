@@ -55,6 +55,7 @@ import logging
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,9 +176,11 @@ class ClapModel:
         module = laion.load_clap_module()
         cfg = laion.model_config(architecture.audio)
         cfg["text_cfg"]["model_type"] = "roberta"
-        return module.CLAP(
-            **cfg, enable_fusion=architecture.fusion, fusion_type=architecture.fusion_type or "None"
-        )
+        with warnings.catch_warnings():  # laion-clap's Swin calls torch.meshgrid the old way; nothing to act on
+            warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+            return module.CLAP(
+                **cfg, enable_fusion=architecture.fusion, fusion_type=architecture.fusion_type or "None"
+            )
 
     @classmethod
     def untrained(cls, architecture: Architecture = Architecture(), seed: int = 0, device: str | None = None,
