@@ -3,7 +3,8 @@
 One clip at a time, run on the event loop (which blocks while the model
 runs), fp32, every clip peak-normalised, one reply per connection. It uses
 clap-ws's model and audio code so the comparison measures serving, not a
-different model or resampler.
+different model or resampler; but its matmuls run as laion-clap's do, with
+weights not packed for oneDNN (that is part of what clap-ws does).
 
     python benchmarks/naive_server.py --port 0 [--untrained | --checkpoint PATH]
 """
@@ -21,6 +22,7 @@ from websockets.asyncio.server import serve
 from clap_ws.audio import AudioSpec, load, windows
 from clap_ws.cli import add_model_options, model_from_args
 from clap_ws.inference import AudioJob, Inference
+from clap_ws.towers import unpack_linears
 
 
 async def main() -> None:
@@ -30,6 +32,7 @@ async def main() -> None:
     args = parser.parse_args()
     args.precision = "fp32"
     model = model_from_args(args)
+    unpack_linears(model.net)
     infer = Inference(model)
 
     async def handler(ws):

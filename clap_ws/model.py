@@ -18,9 +18,10 @@ Decisions made here, once, at construction:
   fp32, which is where bf16 loses accuracy. On a CPU the other weights are
   cast to bf16 once; on a GPU the network runs under autocast (which re-casts
   weights on every call: measured 10% slower than cast-once on the CPU).
-  A bf16 text tower on a CPU also gets its weights laid out once for oneDNN
-  (:func:`clap_ws.towers.pack_linears`): a 3-word prompt 26 -> 16 ms, for
-  135 MB more memory;
+  On a CPU the matmul weights are also laid out once for oneDNN
+  (:func:`clap_ws.towers.pack_linears`): in bf16 the text tower's (a 3-word
+  prompt 26 -> 16 ms, for 135 MB), in fp32 both towers' (a prompt 45 -> 23
+  ms, a window 123 -> 100 ms, for 340 MB);
 * chunk - how many windows go through the network at once. On a CPU, 2-4
   windows per call is fastest (measured per window, bf16: 1: 65 ms, 4: 58 ms,
   16: 80 ms; fp32 similar) and bounds activation memory, so ``auto`` is 4
@@ -151,16 +152,18 @@ class ClapModel:
             fft_stft(branch.spectrogram_extractor.stft)
         self._autocast = contextlib.nullcontext
         unpack_linears(self.net)  # a network shared with an earlier model (tests) starts plain
+        dtype = _DTYPES[self.precision]
         if self.precision != "fp32" and self.device.type == "cpu":
-            cast_weights(self.net, _DTYPES[self.precision])
-            if not self.compile and can_pack_linears(self.device, _DTYPES[self.precision]):
-                pack_linears(self.net.text_branch)
-                pack_linears(self.net.text_projection)
+            cast_weights(self.net, dtype)
         elif self.precision != "fp32":
-            self._autocast = functools.partial(torch.autocast, self.device.type, dtype=_DTYPES[self.precision])
+            self._autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype)
             for name in ("spectrogram_extractor", "logmel_extractor"):
                 if hasattr(branch, name):
                     fp32_forward(getattr(branch, name))
+        if not self.compile and can_pack_linears(self.device, dtype):
+            towers = ("text", "audio") if dtype == torch.float32 else ("text",)  # bf16 audio gained nothing
+            for part in (f"{name}_{kind}" for name in towers for kind in ("branch", "projection")):
+                pack_linears(getattr(self.net, part))
         self._audio = AudioTower(self.net, self.architecture.fusion)
         self._text = TextTower(self.net)
         if self.compile:

@@ -4,8 +4,8 @@
   convolutions (checked against the checkpoint's frozen kernels);
 * :func:`cast_weights` / :func:`fp32_forward` - reduced precision with the
   spectrogram front end kept in fp32;
-* :func:`pack_linears` / :func:`unpack_linears` - bf16 weights laid out once
-  for oneDNN, for the memory-bound text tower on a CPU;
+* :func:`pack_linears` / :func:`unpack_linears` - weights laid out once for
+  oneDNN on a CPU;
 * :class:`AudioTower` / :class:`TextTower` - each encoder and its projection
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
 * :func:`fusion_mel` - the fusion models' input, in plain torch;
@@ -91,22 +91,28 @@ def cast_weights(net: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def pack_linears(module: torch.nn.Module) -> int:
-    """Lay out every bf16 ``Linear`` weight in ``module`` once, in oneDNN's blocked format (CPU only).
+    """Lay out every ``Linear`` weight in ``module`` once, in oneDNN's blocked format (CPU, bf16 or fp32).
 
-    A plain bf16 weight is re-laid-out by oneDNN on every call. With a few
-    tokens (a prompt is 5-20) a matmul reads its whole weight to do little
-    work, so the text tower is bound by memory traffic, and that re-layout
-    about halved the rate weights streamed in. Measured on 2 Zen 4 cores,
-    RoBERTa's 75 linears at 5 tokens (170 MB of weights, more than the
-    cache): 21 ms plain, 9 ms packed. Audio windows (thousands of tokens)
-    are bound by arithmetic instead and gained nothing, so callers pack the
-    text tower only. Costs a second copy of the packed weights (170 MB for
-    RoBERTa); the originals stay for ``state_dict`` and ``torch.compile``.
-    Returns how many were packed; packing twice packs nothing new.
+    Unpacked, a bf16 weight is re-laid-out by oneDNN on every call, and an
+    fp32 one goes to MKL's GEMM. Measured on 2 Zen 4 cores:
+
+    * text (a prompt is 5-20 tokens, so each matmul reads its whole weight to
+      do little work, bound by memory traffic): RoBERTa's 75 linears at 5
+      tokens, 170 MB of bf16 weights (more than the cache), 21 ms plain, 9 ms
+      packed; the whole fp32 text tower 45 -> 23 ms;
+    * audio (thousands of tokens, bound by arithmetic): fp32 123 -> 100 ms
+      per window, since oneDNN's fp32 GEMM beats MKL's here (MKL is known to
+      take slower paths on CPUs that are not Intel's); bf16 gained nothing,
+      so callers pack the bf16 audio tower not at all.
+
+    Costs a second copy of the packed weights (bf16 text 135 MB, fp32 both
+    towers 340 MB); the originals stay for ``state_dict`` and
+    ``torch.compile``. Returns how many were packed; packing twice packs
+    nothing new.
     """
     count = 0
     for linear in module.modules():
-        if type(linear) is not torch.nn.Linear or "forward" in vars(linear) or linear.weight.dtype != torch.bfloat16:
+        if type(linear) is not torch.nn.Linear or "forward" in vars(linear):
             continue
         with torch.no_grad():
             packed, bias = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()), linear.bias
@@ -127,9 +133,10 @@ def unpack_linears(module: torch.nn.Module) -> None:
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`pack_linears` applies: bf16 weights on a CPU whose oneDNN has native bf16."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether :func:`pack_linears` applies: fp32 weights, or bf16 ones where oneDNN has native bf16, on a CPU."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class AudioTower(torch.nn.Module):

@@ -167,27 +167,34 @@ def packed(module):
     return ["forward" in vars(m) for m in module.modules() if type(m) is torch.nn.Linear]
 
 
-def test_bf16_text_tower_is_packed_once_and_matches_plain(model):
-    if model.precision != "bf16" or not can_pack_linears(model.device, torch.bfloat16):
-        pytest.skip("packing is for bf16 on a CPU whose oneDNN has native bf16")
-    fresh = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
-    text = [model.net.text_branch, model.net.text_projection]
-    assert all(all(packed(m)) and len(packed(m)) > 0 for m in text)
-    assert len(packed(model.net.text_branch)) == 73  # 12 layers x 6, and the pooler
-    assert not any(packed(model.net.audio_branch)) and not any(packed(model.net.audio_projection))
-    assert pack_linears(model.net.text_branch) == 0  # already packed
+@pytest.mark.parametrize("name", ["model", "fp32_model"])
+def test_cpu_linears_are_packed_once_and_match_plain(name, request):
+    model = request.getfixturevalue(name)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[model.precision]
+    if not can_pack_linears(model.device, dtype):
+        pytest.skip("packing is for fp32, and for bf16 where oneDNN has native bf16, on a CPU")
+    net = model.net
+    fresh = ClapModel(net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
+    text, audio = [net.text_branch, net.text_projection], [net.audio_branch, net.audio_projection]
+    assert len(packed(net.text_branch)) == 73 and all(all(packed(m)) for m in text)  # 12 layers x 6, pooler
+    if dtype == torch.float32:  # MKL's fp32 GEMM is the slower path here: the audio tower is packed too
+        assert all(packed(m) and all(packed(m)) for m in audio)
+    else:  # bf16 audio gained nothing from packing
+        assert not any(packed(net.audio_branch)) and not any(packed(net.audio_projection))
+    assert pack_linears(net.text_branch) == 0  # already packed
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
-    fast = fresh.embed_text(texts)
-    for m in text:
+    windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=5)])
+    fast = fresh.embed_text(texts), fresh.embed_windows(windows)
+    for m in text + audio:
         unpack_linears(m)
-    assert not any(packed(model.net.text_branch))
+    assert not any(packed(net))
     try:
-        plain = fresh.embed_text(texts)
-    finally:
-        for m in text:
-            pack_linears(m)
-    for x, y in zip(fast, plain):
-        assert cosine(x, y) >= 0.9999
+        plain = fresh.embed_text(texts), fresh.embed_windows(windows)
+    finally:  # packed again, as the shared fixture was
+        ClapModel(net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
+    for fast_rows, plain_rows in zip(fast, plain):
+        for x, y in zip(fast_rows, plain_rows):
+            assert cosine(x, y) >= 0.9999
 
 
 @given(count=st.integers(0, 200), chunk=st.integers(1, 64))
