@@ -21,7 +21,7 @@ Decisions made here, once, at construction:
   On a CPU the matmul weights are also laid out once for oneDNN
   (:func:`clap_ws.towers.pack_linears`): in bf16 the text tower's (a 3-word
   prompt 26 -> 16 ms, for 135 MB), in fp32 both towers' (a prompt 45 -> 23
-  ms, a window 123 -> 100 ms, for 340 MB);
+  ms, a window 123 -> 100 ms in one process; about 420 MB);
 * chunk - how many windows go through the network at once. On a CPU, 2-4
   windows per call is fastest (measured per window, bf16: 1: 65 ms, 4: 58 ms,
   16: 80 ms; fp32 similar) and bounds activation memory, so ``auto`` is 4
