@@ -49,10 +49,11 @@ def sound(seconds: float, rate: int, seed: int) -> np.ndarray:
 
 # ---- servers --------------------------------------------------------------------
 class Server:
-    def __init__(self, args: list[str], name: str, start_timeout: float = 180):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    def __init__(self, args: list[str], name: str, start_timeout: float = 180, root: Path = ROOT):
+        """Run ``python ARGS --port 0`` from the checkout at ``root`` (its clap_ws, not this one's)."""
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, *args, "--port", "0"], env=env, text=True,
+        self.proc = subprocess.Popen([sys.executable, *args, "--port", "0"], env=env, text=True, cwd=root,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()

@@ -19,3 +19,16 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| clap-ws, 1 client |" in table and "x baseline" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ab_runs_two_checkouts_side_by_side():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), str(ROOT), "--requests", "2",
+                             "--seconds", "0.5", "--", "--max-batch", "4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "server options --max-batch 4 --untrained" in result.stdout
+    cells = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows = {label.strip(): [float(x) for x in values] for label, *values in cells if label.strip()}
+    assert set(rows) == {"model p50 ms", "end to end p50 ms", "peak RSS MB"}, result.stdout
+    for label, (old, new, ratio) in rows.items():
+        assert old > 0 and new > 0, (label, rows)
+        assert abs(ratio - new / old) < 0.01, (label, rows)
