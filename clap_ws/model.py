@@ -161,9 +161,11 @@ class ClapModel:
                 if hasattr(branch, name):
                     fp32_forward(getattr(branch, name))
         if not self.compile and can_pack_linears(self.device, dtype):
-            towers = ("text", "audio") if dtype == torch.float32 else ("text",)  # bf16 audio gained nothing
-            for part in (f"{name}_{kind}" for name in towers for kind in ("branch", "projection")):
-                pack_linears(getattr(self.net, part))
+            parts = [self.net.text_branch, self.net.text_projection]
+            if dtype == torch.float32:  # packing the bf16 audio tower made it slower
+                parts += [self.net.audio_branch, self.net.audio_projection]
+            for part in parts:
+                pack_linears(part)
         self._audio = AudioTower(self.net, self.architecture.fusion)
         self._text = TextTower(self.net)
         if self.compile:
@@ -255,13 +257,15 @@ class ClapModel:
                 "run `clap-ws download` or set CLAP_TOKENIZER_DIR to a folder with vocab.json "
                 "and merges.txt"
             )
-        out = [np.zeros((0, EMBED_DIM), dtype=np.float32)]
+        if not texts:
+            return np.zeros((0, EMBED_DIM), dtype=np.float32)
+        out = []
         for start in range(0, len(texts), TEXT_CHUNK):  # bounds the activations of a big batch
             tokens = tokenize(self.tokenizer, texts[start : start + TEXT_CHUNK])
             with self._autocast():
                 raw = self._text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
             out.append(torch.nn.functional.normalize(raw.float(), dim=-1).cpu().numpy())
-        return out[-1] if len(out) == 2 else np.concatenate(out)
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     @property
     def logit_scale(self) -> float:

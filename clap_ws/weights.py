@@ -18,8 +18,8 @@ roberta-base tokenizer files are fetched alongside, since text needs them.
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 import os
 import urllib.error
 import urllib.request
