@@ -3,9 +3,9 @@
 A quality-diversity loop keeps an archive of what it has found and scores a
 new sound by how far it is from its k nearest archived neighbours. Here an
 archive is a named set of unit embeddings with caller-chosen ids, searched
-exactly (a flat :class:`~clap_ws.index.VectorIndex`, a BLAS scan: archives
-grow by a few hundred items per generation and exact novelty is what the
-algorithms assume).
+exactly (a flat :class:`~clap_ws.index.VectorIndex`: an int8 pre-scan, then
+float32 for the candidates, see :mod:`clap_ws.scan`; archives grow by a few
+hundred items per generation and exact novelty is what the algorithms assume).
 
 Novelty of a query = the mean cosine distance (1 - cosine) to its k nearest
 archived items. Asking for more neighbours than the archive holds is an

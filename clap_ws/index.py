@@ -3,13 +3,12 @@
 :class:`VectorIndex` holds float32 vectors and answers top-k by cosine (inner
 product of unit vectors). Two kinds, chosen by size or forced:
 
-* ``flat`` - exact search: one matrix product in numpy (BLAS), then a
-  partial sort; the default up to ``HNSW_THRESHOLD`` items. FAISS's
-  ``IndexFlatIP`` scans on one thread for a single query; measured at 100k
-  items on 2 cores: 19 ms against numpy's 10 ms, and 41 against 23 ms while
-  the model ran on the same cores (the model slowed less, too). So a flat
-  index keeps only the vectors; the file still gets a FAISS flat index, the
-  format every clap-ws version reads;
+* ``flat`` - exact search by :class:`~clap_ws.scan.ExactScan` (an int8
+  pre-scan, then float32 for the few items that can make the top k); the
+  default up to ``HNSW_THRESHOLD`` items. At 100k items on 2 cores: FAISS's
+  ``IndexFlatIP`` 19 ms (one thread for a single query), a float32 BLAS scan
+  10-13 ms, the pre-scan 5.5-7.5 ms on the one thread it is given. The file
+  still gets a FAISS flat index, the format every clap-ws version reads;
 * ``hnsw`` - approximate, ``IndexHNSWFlat`` (M=32), above it. ``efSearch``
   128 gives recall@10 >= 0.95 against exact search on a synthetic 100k set
   (tested).
@@ -27,8 +26,9 @@ import numpy as np
 
 import faiss
 
-DIM = 512
-HNSW_THRESHOLD = 20_000  # a flat search of 100k items takes about 11 ms here, so 20k about 2 ms
+from .scan import DIM, ExactScan
+
+HNSW_THRESHOLD = 30_000  # exact search of 30k items takes about 2 ms here (one thread, int8 pre-scan)
 HNSW_M = 32
 EF_CONSTRUCTION = 40
 EF_SEARCH = 128
@@ -45,46 +45,45 @@ def choose_kind(n: int, kind: str = "auto", threshold: int = HNSW_THRESHOLD) -> 
 
 
 class VectorIndex:
-    """Unit vectors, plus a FAISS HNSW index over them when the kind is ``hnsw``."""
+    """Unit vectors in an :class:`ExactScan`, plus a FAISS HNSW index over them when the kind is ``hnsw``."""
 
     def __init__(self, vectors: np.ndarray | None = None, kind: str = "flat", index=None):
         self.kind = kind
-        self.vectors = np.zeros((0, DIM), np.float32) if vectors is None else np.ascontiguousarray(vectors, np.float32)
-        self.index = index  # None for flat: search scans self.vectors
+        self.scan = ExactScan(vectors, quantize=kind == "flat")  # HNSW answers most searches; no int8 copy
+        self.index = index  # None for flat
         if kind == "hnsw" and index is None:
             self.index = faiss.IndexHNSWFlat(DIM, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = EF_CONSTRUCTION
             self.index.hnsw.efSearch = EF_SEARCH
-            if len(self.vectors):
+            if len(self):
                 self.index.add(self.vectors)
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        return len(self.scan)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.scan.vectors
 
     def add(self, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, np.float32)
         if self.index is not None:
             self.index.add(vectors)
-        self.vectors = np.concatenate([self.vectors, vectors]) if len(self.vectors) else vectors.copy()
+        self.scan.add(vectors)
 
     def search(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None):
         """(scores, ids) of shape (q, k'), k' = min(k, candidates); ids index the vectors."""
+        if self.kind != "hnsw":
+            return self.scan.search(queries, k, mask)
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         ids = None if mask is None else np.flatnonzero(mask)
         k = min(k, len(self) if ids is None else len(ids))
-        if k == 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        if self.kind == "hnsw" and ids is None:
+        if k == 0 or (ids is not None and len(ids) <= _SCAN_LIMIT):
+            return self.scan.search(queries, k, mask)
+        if ids is None:
             return self.index.search(queries, k)
-        if self.kind == "hnsw" and len(ids) > _SCAN_LIMIT:
-            params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBatch(ids), efSearch=max(EF_SEARCH, k))
-            return self.index.search(queries, k, params=params)
-        if ids is None or 2 * len(ids) > len(self):  # most items: score all, rule out the rest
-            scores = queries @ self.vectors.T
-            if ids is not None:
-                scores[:, ~np.asarray(mask, bool)] = -np.inf
-            return _top_k(scores, k, np.arange(len(self)))
-        return _top_k(queries @ self.vectors[ids].T, k, ids)
+        params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBatch(ids), efSearch=max(EF_SEARCH, k))
+        return self.index.search(queries, k, params=params)
 
     # ---- persistence: the index as bytes, for one-file storage -------------------
     def to_bytes(self) -> np.ndarray:
@@ -104,11 +103,3 @@ class VectorIndex:
         if index.ntotal != len(vectors):
             raise ValueError(f"index holds {index.ntotal} vectors, the file {len(vectors)}")
         return cls(vectors, kind, index)
-
-
-def _top_k(scores: np.ndarray, k: int, ids: np.ndarray):
-    """The k best columns of each row of ``scores``, best first, as (scores, ids[columns])."""
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    part = np.take_along_axis(scores, top, 1)
-    order = np.argsort(-part, axis=1)
-    return np.take_along_axis(part, order, 1), ids[np.take_along_axis(top, order, 1)]

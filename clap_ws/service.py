@@ -40,6 +40,7 @@ from .model import ClapModel
 from .projection import Projection
 from .protocol import (ArchiveRequest, EmbedRequest, InfoRequest, SearchRequest, TextRequest, embedding_reply,
                        ok_reply)
+from .scan import single_threaded
 from .similarity import TextCache, cosine_matrix, softmax_probs, unit
 
 _log = logging.getLogger(__name__)
@@ -68,7 +69,11 @@ class Service:
         self.projection = projection
         self.text_cache = TextCache(text_cache)
         self._texts_in_flight: dict[str, asyncio.Future] = {}  # text -> future of its embedding row
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index")
+        # Index work (search, archives) runs on this one thread, with torch serial on it (see
+        # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index", initializer=single_threaded)
+        for index in [lib.index for lib in libraries] + [self.archives.get(n).index for n in self.archives.names()]:
+            self._pool.submit(index.scan.pack)
 
     @property
     def text_model_calls(self) -> int:

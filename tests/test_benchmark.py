@@ -1,4 +1,4 @@
-"""The latency benchmark must keep running: a tiny configuration, real servers, real output files."""
+"""The benchmarks must keep running: tiny configurations, real servers and indexes, real output files."""
 
 import json
 import subprocess
@@ -32,3 +32,14 @@ def test_ab_runs_two_checkouts_side_by_side():
     for label, (old, new, ratio) in rows.items():
         assert old > 0 and new > 0, (label, rows)
         assert abs(ratio - new / old) < 0.01, (label, rows)
+
+
+def test_search_benchmark_reports_the_float32_baseline_and_an_exact_flat_index(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), "--sizes", "9000", "--queries", "20",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["index"]: r for r in json.loads((tmp_path / "search.json").read_text())["results"]}
+    assert set(rows) == {"f32 scan", "flat", "hnsw"}
+    assert rows["flat"]["recall_at_10"] == 1.0  # 9,000 items: one int8 block, pre-scanned, and still exact
+    assert rows["hnsw"]["recall_at_10"] >= 0.9 and all(r["p50_ms"] > 0 for r in rows.values())
+    assert "| 9,000 | flat |" in (tmp_path / "search.md").read_text()

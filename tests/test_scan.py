@@ -1,0 +1,115 @@
+"""ExactScan: the int8 pre-scan must return exactly what a float32 scan returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clap_ws.archive import Archives
+from clap_ws.index import VectorIndex
+from clap_ws.library import Library, model_identity
+from clap_ws.scan import ExactScan, int8_matmul_available
+from clap_ws.service import Service
+from clap_ws.similarity import unit
+
+
+def vectors_like(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Spread-out unit vectors, or clusters of near-duplicates whose int8 order differs from the exact one."""
+    if kind == "spread":
+        return unit(rng.standard_normal((n, 512)))
+    centres = unit(rng.standard_normal((max(1, n // 20), 512)))
+    return unit(centres[rng.integers(0, len(centres), n)] + 1e-3 * rng.standard_normal((n, 512)))
+
+
+def assert_exact(scan: ExactScan, vectors: np.ndarray, queries: np.ndarray, k: int, mask=None) -> None:
+    keep = np.arange(len(vectors)) if mask is None else np.flatnonzero(mask)
+    scores, ids = scan.search(queries, k, mask)
+    assert scores.shape == ids.shape == (len(queries), min(k, len(keep)))
+    for q, s, i in zip(queries, scores, ids):
+        truth = vectors[keep] @ q
+        np.testing.assert_allclose(s, np.sort(truth)[::-1][: len(s)], atol=1e-5)  # the k best scores...
+        np.testing.assert_allclose(s, vectors[i] @ q, atol=1e-5)  # ...belong to the ids returned
+        assert set(i) <= set(keep) and len(set(i)) == len(i)
+
+
+def test_int8_matmul_is_available_here():
+    assert int8_matmul_available()  # otherwise the tests below only cover the float32 scan
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["spread", "clusters"]), n=st.integers(1, 700), block=st.integers(16, 300),
+       chunks=st.integers(1, 5), k=st.integers(1, 40), queries=st.integers(1, 3), keep=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_prescan_returns_what_a_float32_scan_returns(kind, n, block, chunks, k, queries, keep, seed):
+    rng = np.random.default_rng(seed)
+    vectors = vectors_like(kind, n, rng)
+    near = vectors[rng.integers(0, n, queries)] + 0.05 * rng.standard_normal((queries, 512))
+    q = unit(near if kind == "clusters" else rng.standard_normal((queries, 512)))
+    scan = ExactScan(block=block)
+    for part in np.array_split(vectors, chunks):  # grown in pieces, like an archive
+        scan.add(part)
+    assert scan.packed == 0  # packing waits for a search, on the thread that searches
+    np.testing.assert_array_equal(scan.vectors, vectors)
+    assert_exact(scan, vectors, q, k)
+    assert 0 <= n - scan.packed < block  # whatever waits unpacked is less than a block
+    assert_exact(scan, vectors, q, k, rng.random(n) < keep)
+
+
+def test_an_archive_growing_one_item_at_a_time_is_packed_in_blocks():
+    rng = np.random.default_rng(3)
+    vectors = vectors_like("clusters", 300, rng)
+    scan = ExactScan(block=64)
+    for i, v in enumerate(vectors, 1):
+        scan.add(v)
+        scan.pack()  # what each search does first
+        assert scan.packed == i // 64 * 64  # packed once a block is waiting, never repacked
+        if i % 50 == 0:
+            assert_exact(scan, vectors[:i], unit(vectors[rng.integers(0, i, 2)] + 0.01), 5)
+
+
+def test_near_duplicates_are_ranked_by_float32_not_by_int8():
+    """Items closer together than int8's rounding: the int8 order alone is wrong, the answer is not."""
+    rng = np.random.default_rng(4)
+    vectors = vectors_like("clusters", 4000, rng)
+    query = unit(vectors[7] + 1e-3 * rng.standard_normal(512))
+    scan = ExactScan(vectors, block=1024)
+    scan.pack()
+    assert scan.packed == 4000  # one bulk add, one block
+    step = np.abs(vectors).max(1, keepdims=True) / 127
+    int8_order = np.argsort(-(np.rint(vectors / step) * step) @ query)[:10]
+    exact_order = np.argsort(-(vectors @ query))[:10]
+    assert list(int8_order) != list(exact_order)  # so this test can tell the two apart
+    assert list(scan.search(query, 10)[1][0]) == list(exact_order)
+
+
+def test_a_flat_library_sized_index_is_prescanned_and_exact():
+    rng = np.random.default_rng(5)
+    vectors = vectors_like("spread", 20_000, rng)
+    index = VectorIndex(vectors, "flat")
+    queries = unit(rng.standard_normal((4, 512)))
+    assert_exact(index.scan, vectors, queries, 10)
+    assert index.scan.packed == 20_000
+    assert_exact(index.scan, vectors, queries, 10, rng.random(20_000) < 0.5)
+    hnsw = VectorIndex(vectors[:3000], "hnsw")
+    assert hnsw.scan.packed == 0  # HNSW answers most of its searches: no int8 copy beside it
+
+
+def test_the_server_searches_on_one_serial_thread_where_loaded_indexes_are_packed(model, tmp_path):
+    """A second OpenMP team next to the model's slows every window by a third or more (see scan.single_threaded)."""
+    rng = np.random.default_rng(6)
+    vectors = vectors_like("spread", 9000, rng)
+    library = Library("big", model_identity(model), [{"path": f"{i}.wav", "tags": []} for i in range(9000)],
+                      VectorIndex(vectors, "flat"))
+    archives = Archives(tmp_path)
+    archives.get("run", create=True).add(vectors[:8500], None)
+    archives.flush()
+    service = Service(model, warm_up=False, libraries=[library], archives=Archives(tmp_path))
+    try:
+        assert service._pool.submit(torch.get_num_threads).result() == 1
+        assert library.index.scan.packed == 9000  # built on that thread, before any search
+        assert service.archives.get("run").index.scan.packed == 8500
+        assert torch.get_num_threads() > 1  # the rest of the process keeps its threads
+    finally:
+        service.close()
