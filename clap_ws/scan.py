@@ -45,9 +45,8 @@ SLACK = 1e-4  # float32 rounding in either scan, far below the bound itself (abo
 
 @dataclass(frozen=True)
 class _Block:
-    """Rows [start, stop) as int8 codes laid out for oneDNN, one float scale per row."""
+    """Rows up to ``stop`` (from the previous block's) as int8 codes laid out for oneDNN, one scale per row."""
 
-    start: int
     stop: int
     weight: torch.Tensor
     scales: torch.Tensor
@@ -137,7 +136,7 @@ class ExactScan:
             return
         self._error = max(self._error, _longest(rows - rounded))
         self._norm = max(self._norm, _longest(rounded))
-        self._blocks.append(_Block(start, stop, weight, torch.from_numpy(scales),
+        self._blocks.append(_Block(stop, weight, torch.from_numpy(scales),
                                    torch.zeros(stop - start, dtype=torch.int32)))
 
     def search(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None):
