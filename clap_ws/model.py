@@ -19,9 +19,10 @@ Decisions made here, once, at construction:
   cast to bf16 once; on a GPU the network runs under autocast (which re-casts
   weights on every call: measured 10% slower than cast-once on the CPU).
   On a CPU the matmul weights are also laid out once for oneDNN
-  (:func:`clap_ws.towers.pack_linears`): in bf16 the text tower's (a 3-word
-  prompt 26 -> 16 ms, for 135 MB), in fp32 both towers' (a prompt 45 -> 23
-  ms, a window 123 -> 100 ms in one process; about 420 MB);
+  (:func:`clap_ws.towers.pack_linears`), both towers' (bf16: a 3-word
+  prompt 26 -> 16 ms, for 135 MB, and with the Swin forwards of
+  :mod:`clap_ws.swin` a window 5-8 % faster; fp32: a prompt 45 -> 23 ms, a
+  window 123 -> 100 ms in one process; about 420 MB);
 * chunk - how many windows go through the network at once. On a CPU, 2-4
   windows per call is fastest (measured per window, bf16: 1: 65 ms, 4: 58 ms,
   16: 80 ms; fp32 similar) and bounds activation memory, so ``auto`` is 4
@@ -66,6 +67,8 @@ import torch
 from . import laion
 from .checkpoint import Architecture, Identity, detect_architecture, read_checkpoint, sha256_of
 from .errors import ModelError, TextUnavailable
+from .roberta import serve_roberta
+from .swin import serve_swin
 from .towers import (AudioTower, TextTower, can_pack_linears, cast_weights, chunk_sizes, fft_stft, fp32_forward,
                      pack_linears, unpack_linears)
 from .tokenizer import byte_level_tokenizer, tokenize
@@ -150,6 +153,8 @@ class ClapModel:
         branch = self.net.audio_branch
         if hasattr(branch, "spectrogram_extractor"):
             fft_stft(branch.spectrogram_extractor.stft)
+        serve_swin(branch)
+        serve_roberta(self.net.text_branch)
         self._autocast = contextlib.nullcontext
         unpack_linears(self.net)  # a network shared with an earlier model (tests) starts plain
         dtype = _DTYPES[self.precision]
@@ -161,10 +166,8 @@ class ClapModel:
                 if hasattr(branch, name):
                     fp32_forward(getattr(branch, name))
         if not self.compile and can_pack_linears(self.device, dtype):
-            parts = [self.net.text_branch, self.net.text_projection]
-            if dtype == torch.float32:  # packing the bf16 audio tower made it slower
-                parts += [self.net.audio_branch, self.net.audio_projection]
-            for part in parts:
+            for part in (self.net.text_branch, self.net.text_projection, self.net.audio_branch,
+                         self.net.audio_projection):
                 pack_linears(part)
         self._audio = AudioTower(self.net, self.architecture.fusion)
         self._text = TextTower(self.net)

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from clap_ws.checkpoint import Architecture, detect_architecture, read_checkpoint, sha256_of
 from clap_ws.model import ClapModel
+from clap_ws.roberta import serve_roberta
+from clap_ws.swin import serve_swin
 from clap_ws.towers import can_pack_linears, chunk_sizes, fusion_mel, pack_linears, unpack_linears
 
 
@@ -162,6 +164,68 @@ def test_bf16_stays_close_to_fp32(model, fp32_model):
     assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
 
 
+def laion_swin_forwards(branch):
+    """Undo :func:`serve_swin` on ``branch``: laion-clap's own forwards, which read the weights afresh each call."""
+    vars(branch).pop("forward_features")
+    for stage in branch.layers:
+        vars(stage).pop("forward")
+        for block in stage.blocks:
+            vars(block).pop("forward")
+            vars(block.attn).pop("forward")
+
+
+def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights():
+    """clap_ws.swin against laion-clap's forwards on the same network: a call of 4 windows (shift masks
+    repeated per clip), 1 window, and again after the attention biases change in place."""
+    model = ClapModel.untrained(seed=2, precision="fp32", chunk=4)
+    branch = model.net.audio_branch
+    windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=3), tone(330.0, seconds=10),
+                        chirp(2000.0, 50.0, seconds=10)])
+
+    def laion_clap():
+        laion_swin_forwards(branch)
+        try:
+            return model.embed_windows(windows)
+        finally:
+            assert serve_swin(branch)
+
+    def assert_same(ours, ours_one, theirs):
+        for a, b in zip(ours, theirs):
+            assert cosine(a, b) >= 0.99999
+        assert cosine(ours_one[0], theirs[2]) >= 0.99999
+
+    theirs = laion_clap()
+    before = model.embed_windows(windows)  # this also caches the attention biases
+    assert_same(before, model.embed_windows(windows[2:3]), theirs)
+    with torch.no_grad():  # what load_state_dict does to a loaded network: the same tensors, new values
+        for stage in branch.layers:
+            for block in stage.blocks:
+                block.attn.relative_position_bias_table.mul_(40.0)
+    after, after_one = model.embed_windows(windows), model.embed_windows(windows[2:3])
+    assert_same(after, after_one, laion_clap())
+    # the change moved the output 20x further than the tolerance above, so stale biases would fail it
+    assert min(cosine(a, b) for a, b in zip(before, after)) < 0.9998
+
+
+def test_roberta_serving_forward_matches_transformers(model):
+    """clap_ws.roberta against transformers' own RobertaModel forward on the same weights (the served
+    precision; one text, and texts of different lengths padded together); other modules are left alone."""
+    branch = model.net.text_branch
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack and a bright shimmering tail"]
+    ours, ours_one = model.embed_text(texts), model.embed_text(texts[:1])
+    forward = vars(branch).pop("forward")
+    try:
+        theirs, theirs_one = model.embed_text(texts), model.embed_text(texts[:1])
+    finally:
+        branch.forward = forward
+    for a, b in zip(ours, theirs):
+        assert cosine(a, b) >= 0.9999
+    assert cosine(ours_one[0], theirs_one[0]) >= 0.9999
+    assert cosine(ours_one[0], ours[0]) >= 0.999  # padding the batch does not change a text
+    linear = torch.nn.Linear(4, 4)
+    assert serve_roberta(linear) is False and "forward" not in vars(linear)
+
+
 def packed(module):
     """For each ``Linear`` in ``module``: whether :func:`pack_linears` gave it a packed forward."""
     return ["forward" in vars(m) for m in module.modules() if type(m) is torch.nn.Linear]
@@ -177,10 +241,7 @@ def test_cpu_linears_are_packed_once_and_match_plain(name, request):
     fresh = ClapModel(net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
     text, audio = [net.text_branch, net.text_projection], [net.audio_branch, net.audio_projection]
     assert len(packed(net.text_branch)) == 73 and all(all(packed(m)) for m in text)  # 12 layers x 6, pooler
-    if dtype == torch.float32:  # MKL's fp32 GEMM is the slower path here: the audio tower is packed too
-        assert all(packed(m) and all(packed(m)) for m in audio)
-    else:  # bf16 audio gained nothing from packing
-        assert not any(packed(net.audio_branch)) and not any(packed(net.audio_projection))
+    assert all(packed(m) and all(packed(m)) for m in audio)
     assert pack_linears(net.text_branch) == 0  # already packed
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
     windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=5)])
