@@ -7,8 +7,10 @@ The package reads in the direction data flows:
 * :mod:`clap_ws.batching` - one bounded queue, one worker thread;
 * :mod:`clap_ws.inference` - jobs and the batch handler;
 * :mod:`clap_ws.model` - laion-clap's network, weights, device, precision
-  (:mod:`clap_ws.laion` imports it safely, :mod:`clap_ws.tokenizer` finds text
-  tokenizers, :mod:`clap_ws.weights` finds or fetches checkpoints);
+  (:mod:`clap_ws.laion` imports it safely; :mod:`clap_ws.towers`,
+  :mod:`clap_ws.swin` and :mod:`clap_ws.roberta` adapt it for serving;
+  :mod:`clap_ws.tokenizer` finds text tokenizers, :mod:`clap_ws.weights`
+  finds or fetches checkpoints);
 * :mod:`clap_ws.service` - what each op does: similarity
   (:mod:`clap_ws.similarity`), libraries (:mod:`clap_ws.library`), archives
   (:mod:`clap_ws.archive`), FAISS (:mod:`clap_ws.index`), behaviour

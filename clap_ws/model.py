@@ -21,17 +21,23 @@ Decisions made here, once, at construction:
   On a CPU the matmul weights are also laid out once for oneDNN
   (:func:`clap_ws.towers.pack_linears`), both towers' (bf16: a 3-word
   prompt 26 -> 16 ms, for 135 MB, and with the Swin forwards of
-  :mod:`clap_ws.swin` a window 5-8 % faster; fp32: a prompt 45 -> 23 ms, a
+  :mod:`clap_ws.swin` a window 2-11 % faster; fp32: a prompt 45 -> 23 ms, a
   window 123 -> 100 ms in one process; about 420 MB);
+* forwards - laion-clap's HTSAT and transformers' RoBERTa run inference
+  forwards of their own modules (:mod:`clap_ws.swin`, :mod:`clap_ws.roberta`):
+  the same weights and numbers, without the attention maps, unused outputs,
+  extra copies and Python around them. Measured in one process against the
+  libraries' forwards on 2 Zen 4 cores: a window 12-23 % less time in bf16
+  (with its weights packed), a 3-word prompt 18.0 -> 13.9 ms;
 * chunk - how many windows go through the network at once. On a CPU, 2-4
   windows per call is fastest (measured per window, bf16: 1: 65 ms, 4: 58 ms,
   16: 80 ms; fp32 similar) and bounds activation memory, so ``auto`` is 4
   there and 32 on a GPU. Chunks are powers of two, so a compiled network
   sees only a few shapes;
 * compile - optional ``torch.compile`` of the audio and text towers with
-  Inductor's weight freezing: on a 2-core CPU about 25% less time per audio
-  window (44-54 vs 60-70 ms); a prompt takes about what the packed eager
-  text tower takes (14-17 ms). It costs about 2.5 minutes of compiling at
+  Inductor's weight freezing: on a 2-core CPU 10-35% less model time per
+  audio window than eager in the same benchmark run (43-50 vs 57-76 ms); a
+  prompt takes about what the eager text tower takes (13-18 ms). It costs about 2.5 minutes of compiling at
   warm-up (one graph per audio chunk shape, two for text: batch 1 and any
   batch, any length; freezing bypasses Inductor's on-disk cache).
 
@@ -44,9 +50,11 @@ OpenMP pool, and with two pools on a 2-core machine each model call took
 
 Where the time goes (HTSAT-tiny, one 10-s window, 2 AVX512-BF16 cores): 12.1
 GFLOP, 10.9 of them in matrix multiplies, which run at 326 GFLOP/s in bf16
-(33 ms) - about what two such cores can do - so about 37 ms is the floor
-here; eager calls take 55-60 ms, compiled ones 44-54 ms. Dynamic int8
-weights were slower (74 ms) and less accurate (cosine 0.992 to fp32).
+(about 31 ms of linears) - about what two such cores can do - so about 35
+ms is the floor here; eager calls take 50-76 ms on this shared host,
+compiled ones 43-50 ms. The rest is softmax (its bf16 exp), copies,
+attention matmuls, GELU and layer norm. Dynamic int8 weights were slower
+(74 ms) and less accurate (cosine 0.992 to fp32).
 """
 
 from __future__ import annotations

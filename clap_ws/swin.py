@@ -27,7 +27,7 @@ weights (and ``state_dict``) as they are:
 Measured on 2 Zen 4 cores, in one process, alternating with laion-clap's
 forwards: 7-16 % less time per window in bf16 (with the bf16 weights also
 packed for oneDNN, which only pays with these forwards, 12-18 % at 1 window
-per call and 16-23 % at 4), 7-17 % in fp32. The parity test against
+per call and 16-23 % at 4), 7-21 % in fp32. The parity test against
 laion-clap's own code (fp32, cosine >= 0.99999) runs through them.
 """
 

@@ -105,7 +105,7 @@ def pack_linears(module: torch.nn.Module) -> int:
     * audio (thousands of tokens, bound by arithmetic): fp32 123 -> 100 ms
       per window, since oneDNN's fp32 GEMM beats MKL's here (MKL is known to
       take slower paths on CPUs that are not Intel's); in bf16, with the
-      Swin forwards of :mod:`clap_ws.swin`, 5-8 % less time per window
+      Swin forwards of :mod:`clap_ws.swin`, 2-11 % less time per window
       (with laion-clap's own forwards packing made it 7-9 % slower).
 
     Costs a second copy of the packed weights (bf16 text 135 MB; fp32 both
