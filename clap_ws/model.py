@@ -20,9 +20,9 @@ Decisions made here, once, at construction:
   weights on every call: measured 10% slower than cast-once on the CPU).
   On a CPU the matmul weights are also laid out once for oneDNN
   (:func:`clap_ws.towers.pack_linears`), both towers' (bf16: a 3-word
-  prompt 26 -> 16 ms, for 135 MB, and with the Swin forwards of
-  :mod:`clap_ws.swin` a window 2-11 % faster; fp32: a prompt 45 -> 23 ms, a
-  window 123 -> 100 ms in one process; about 420 MB);
+  prompt 26 -> 16 ms, and with the Swin forwards of :mod:`clap_ws.swin` a
+  window 2-11 % faster, for copies of 228 MB of weights; fp32: a prompt
+  45 -> 23 ms, a window 123 -> 100 ms in one process, about 420 MB);
 * forwards - laion-clap's HTSAT and transformers' RoBERTa run inference
   forwards of their own modules (:mod:`clap_ws.swin`, :mod:`clap_ws.roberta`):
   the same weights and numbers, without the attention maps, unused outputs,
@@ -37,9 +37,10 @@ Decisions made here, once, at construction:
 * compile - optional ``torch.compile`` of the audio and text towers with
   Inductor's weight freezing: on a 2-core CPU 10-35% less model time per
   audio window than eager in the same benchmark run (43-50 vs 57-76 ms); a
-  prompt takes about what the eager text tower takes (13-18 ms). It costs about 2.5 minutes of compiling at
-  warm-up (one graph per audio chunk shape, two for text: batch 1 and any
-  batch, any length; freezing bypasses Inductor's on-disk cache).
+  prompt takes about what the eager text tower takes (13-18 ms). It costs
+  about 2.5 minutes of compiling at warm-up (one graph per audio chunk
+  shape, two for text: batch 1 and any batch, any length; freezing bypasses
+  Inductor's on-disk cache).
 
 The network is never called from two threads at once: the batcher's single
 worker owns it (see :mod:`clap_ws.batching`). Build it with
