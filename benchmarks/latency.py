@@ -1,5 +1,6 @@
 """End-to-end latency of clap-ws against the 100 ms per-sound budget, beside a naive baseline.
 
+    pip install -e '.[bench]'                    # matplotlib, for the plot
     python benchmarks/latency.py                 # full sweep, --untrained weights
     python benchmarks/latency.py --checkpoint PATH
     python benchmarks/latency.py --quick         # a tiny run (the smoke test uses it)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import json
 import os
 import platform
@@ -324,6 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny run, for the smoke test")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:  # found out before the run, not after it
+        parser.error("the plot needs matplotlib: pip install -e '.[bench]'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--untrained"]
