@@ -33,6 +33,8 @@ laion-clap's own code (fp32, cosine >= 0.99999) runs through them.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -99,10 +101,11 @@ def _block(block: torch.nn.Module):
     each way. Returns ``(x, None)``: no attention map.
     """
     (height, width), size, shift = block.input_resolution, block.window_size, block.shift_size
+    window_partition = sys.modules[type(block).__module__].window_partition  # laion-clap's own, on token numbers
     order = torch.arange(height * width, device=block.norm1.weight.device).view(1, height, width, 1)
     if shift:
         order = torch.roll(order, shifts=(-shift, -shift), dims=(1, 2))
-    order = order.view(height // size, size, width // size, size).transpose(1, 2).reshape(-1)
+    order = window_partition(order, size).reshape(-1)
     block.register_buffer("_clap_ws_order", order, persistent=False)
     block.register_buffer("_clap_ws_inverse", torch.argsort(order), persistent=False)
 

@@ -6,8 +6,8 @@
   spectrogram front end kept in fp32;
 * :func:`pack_linears` / :func:`unpack_linears` - weights laid out once for
   oneDNN on a CPU;
-* :mod:`clap_ws.swin` - the audio transformer's forwards for inference (fused
-  window attention, no work whose result is thrown away);
+* :mod:`clap_ws.swin` - the audio transformer's forwards for inference (no
+  work whose result is thrown away, fewer passes over the activations);
 * :class:`AudioTower` / :class:`TextTower` - each encoder and its projection
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
 * :func:`fusion_mel` - the fusion models' input, in plain torch;
@@ -108,10 +108,10 @@ def pack_linears(module: torch.nn.Module) -> int:
       Swin forwards of :mod:`clap_ws.swin`, 2-11 % less time per window
       (with laion-clap's own forwards packing made it 7-9 % slower).
 
-    Costs a second copy of the packed weights (bf16 text 135 MB; fp32 both
-    towers about 420 MB of peak RSS in a server); the originals stay for
-    ``state_dict`` and ``torch.compile``. Returns how many were packed; packing twice packs
-    nothing new.
+    Costs a second copy of the packed weights (bf16: 171 MB text, 57 MB
+    audio; fp32: about 420 MB of peak RSS in a server); the originals stay
+    for ``state_dict`` and ``torch.compile``. Returns how many were packed;
+    packing twice packs nothing new.
     """
     count = 0
     for linear in module.modules():
