@@ -3,7 +3,7 @@
 A quality-diversity loop keeps an archive of what it has found and scores a
 new sound by how far it is from its k nearest archived neighbours. Here an
 archive is a named set of unit embeddings with caller-chosen ids, searched
-exactly (a flat :class:`~clap_ws.index.VectorIndex`: an int8 pre-scan, then
+exactly (a flat :class:`~clap_ws.index.VectorIndex`: int8 pre-scans, then
 float32 for the candidates, see :mod:`clap_ws.scan`; archives grow by a few
 hundred items per generation and exact novelty is what the algorithms assume).
 

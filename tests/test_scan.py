@@ -1,4 +1,4 @@
-"""ExactScan: the int8 pre-scan must return exactly what a float32 scan returns."""
+"""ExactScan: the int8 pre-scans must return exactly what a float32 scan returns."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ from clap_ws.similarity import unit
 
 
 def vectors_like(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Spread-out unit vectors, or clusters of near-duplicates whose int8 order differs from the exact one."""
+    """Spread-out unit vectors, near a low-dimensional subspace (as embeddings are), or clusters of
+    near-duplicates whose int8 order differs from the exact one."""
     if kind == "spread":
         return unit(rng.standard_normal((n, 512)))
+    if kind == "subspace":
+        latent = int(rng.integers(4, 48))
+        return unit(rng.standard_normal((n, latent)) @ rng.standard_normal((latent, 512)) + rng.standard_normal((n, 512)))
     centres = unit(rng.standard_normal((max(1, n // 20), 512)))
     return unit(centres[rng.integers(0, len(centres), n)] + 1e-3 * rng.standard_normal((n, 512)))
 
@@ -39,14 +43,14 @@ def test_int8_matmul_is_available_here():
 
 
 @settings(max_examples=40, deadline=None)
-@given(kind=st.sampled_from(["spread", "clusters"]), n=st.integers(1, 700), block=st.integers(16, 300),
+@given(kind=st.sampled_from(["spread", "clusters", "subspace"]), n=st.integers(1, 700), block=st.integers(16, 300),
        chunks=st.integers(1, 5), k=st.integers(1, 40), queries=st.integers(1, 3), keep=st.floats(0, 1),
        seed=st.integers(0, 2**16))
 def test_prescan_returns_what_a_float32_scan_returns(kind, n, block, chunks, k, queries, keep, seed):
     rng = np.random.default_rng(seed)
     vectors = vectors_like(kind, n, rng)
     near = vectors[rng.integers(0, n, queries)] + 0.05 * rng.standard_normal((queries, 512))
-    q = unit(near if kind == "clusters" else rng.standard_normal((queries, 512)))
+    q = unit(near if kind != "spread" else rng.standard_normal((queries, 512)))
     scan = ExactScan(block=block)
     for part in np.array_split(vectors, chunks):  # grown in pieces, like an archive
         scan.add(part)
@@ -82,6 +86,27 @@ def test_near_duplicates_are_ranked_by_float32_not_by_int8():
     exact_order = np.argsort(-(vectors @ query))[:10]
     assert list(int8_order) != list(exact_order)  # so this test can tell the two apart
     assert list(scan.search(query, 10)[1][0]) == list(exact_order)
+
+
+def test_embeddings_near_a_subspace_are_answered_by_their_leading_dimensions():
+    """The first pass reads 64 of 512 rotated dimensions and still returns the float32 answer."""
+    rng = np.random.default_rng(6)
+    basis = rng.standard_normal((24, 512))
+    vectors = unit(rng.standard_normal((6000, 24)) @ basis + 0.8 * rng.standard_normal((6000, 512)))
+    scan = ExactScan(vectors[:5000], block=2048)
+    scan.pack()
+    assert scan.lead_dims == 64 and scan.packed == 5000
+    scan.add(vectors[5000:])  # an unpacked tail is scored exactly beside both passes
+    near = unit(vectors[rng.integers(0, 6000, 8)] + 0.02 * rng.standard_normal((8, 512)))
+    assert_exact(scan, vectors, near, 10)
+    assert_exact(scan, vectors, near, 25, rng.random(6000) < 0.6)
+    assert scan.answered["lead"] == 16 and scan.answered["int8"] == 0
+    away = unit(rng.standard_normal((3, 512)))  # off the subspace: too many candidates, so the full pre-scan
+    assert_exact(scan, vectors, away, 10)
+    assert scan.answered["int8"] == 3
+    spread = ExactScan(vectors_like("spread", 3000, rng), block=1024)
+    spread.pack()
+    assert spread.lead_dims == 0  # data filling every dimension gets no first pass
 
 
 def test_a_flat_library_sized_index_is_prescanned_and_exact():
