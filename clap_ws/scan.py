@@ -24,7 +24,12 @@ query goes on to the full int8 pre-scan instead. At 100k items the first
 pass's matmul takes 0.3-0.4 ms and a query it answers 1.1-1.3 ms in all,
 against 5.6-7.4 ms through the full pass. Where the first block's rows
 keep a median ``|x_rest|`` over ``LEAD_RESIDUAL``, the first pass is never
-built. :attr:`ExactScan.answered` counts which pass answered each query.
+built. Trying costs a query the first pass cannot answer about 1.5 ms at 100k
+items, so while the first pass answers under a quarter of the queries that
+try it (a library of sounds searched by text, say, if text embeddings lie off
+the sounds' directions), only 1 query in ``LEAD_PROBE`` tries it, and the
+others go straight to the full pass. :attr:`ExactScan.answered` counts which
+pass answered each query, :attr:`ExactScan.lead_misses` the tries that failed.
 
 Rows are packed in blocks once ``BLOCK`` of them are waiting, by the first
 search after that (:meth:`ExactScan.pack`): a library loaded at once is one
@@ -57,6 +62,7 @@ BLOCK = 8192  # rows per int8 block: 4 MB, packed in about 30 ms
 LEAD = 64  # leading principal dimensions read by the first pass
 LEAD_RESIDUAL = 0.5  # build the first pass only if the first block's median |x_rest| is at most this
 LEAD_SHARE = 8  # the first pass answers when at most 1/8 of the packed items stay candidates
+LEAD_PROBE = 8  # while it answers under a quarter of the queries that try it, 1 query in 8 tries it
 SUBSET_SHARE = 8  # a filter keeping under 1/8 of the items (1/2 unpacked) scans just those, in float32
 SLACK = 1e-4  # float32 rounding in the scans and the projection, far below the bounds themselves (about 0.01)
 
@@ -160,6 +166,9 @@ class ExactScan:
         self._packed = 0
         self._int8 = _Int8Rows()
         self._lead: _Leading | None = None
+        self._lead_rate = 1.0  # running share of the queries that tried the first pass that it answered
+        self._lead_skipped = 0
+        self.lead_misses = 0  # queries that tried the first pass and went on to the full one
         if vectors is not None:
             self.add(vectors)
 
@@ -236,7 +245,7 @@ class ExactScan:
         tail = _dot(queries, self.vectors[self._packed :])  # rows not yet packed, scored exactly
         if keep is not None:
             tail[:, ~keep[self._packed :]] = -np.inf
-        found = [self._lead_pass(q, t, k, keep) if self._lead is not None else None for q, t in zip(queries, tail)]
+        found = [self._lead_pass(q, t, k, keep) if self._try_lead() else None for q, t in zip(queries, tail)]
         rest = [row for row, answer in enumerate(found) if answer is None]
         if rest:
             for row, answer in zip(rest, self._int8_pass(queries[rest], tail[rest], k, keep)):
@@ -245,8 +254,22 @@ class ExactScan:
         self.answered["int8"] += len(rest)
         return np.array([s for s, _ in found]), np.array([i for _, i in found])
 
+    def _try_lead(self) -> bool:
+        """Whether the next query tries the first pass: always while it answers a quarter of those it tries, which
+        is where trying pays (a miss costs about 1.5 ms at 100k items, an answer saves about 5); else 1 in ``LEAD_PROBE``."""
+        if self._lead is None:
+            return False
+        self._lead_skipped = 0 if self._lead_rate >= 0.25 else self._lead_skipped + 1
+        return self._lead_skipped % LEAD_PROBE == 0
+
     def _lead_pass(self, query: np.ndarray, tail: np.ndarray, k: int, keep: np.ndarray | None):
         """(scores, ids) from the leading dimensions and few rescored items, or None if too many could qualify."""
+        answer = self._lead_answer(query, tail, k, keep)
+        self._lead_rate += 0.1 * ((answer is not None) - self._lead_rate)  # running share of tries answered
+        self.lead_misses += answer is None
+        return answer
+
+    def _lead_answer(self, query: np.ndarray, tail: np.ndarray, k: int, keep: np.ndarray | None):
         lead, rest = self._lead.split(query[None])
         approx, bound = self._lead.rows.scores(lead)
         approx = approx[0]
@@ -259,11 +282,10 @@ class ExactScan:
         if len(known) < k:
             return None
         floor = np.partition(known, len(known) - k)[len(known) - k]  # the k-th best of these, so at most the k-th best of all
-        upper = approx.numpy() + (bound[0] + rest[0] * self._lead.rest)
-        candidates = np.flatnonzero(upper >= floor)
-        if LEAD_SHARE * len(candidates) > self._packed:
+        reaches = approx.numpy() + (bound[0] + rest[0] * self._lead.rest) >= floor  # upper bound reaches the floor
+        if LEAD_SHARE * np.count_nonzero(reaches) > self._packed:  # counted first: listing 70k items costs more
             return None
-        return self._rescored(query, candidates, tail, k)
+        return self._rescored(query, np.flatnonzero(reaches), tail, k)
 
     def _int8_pass(self, queries: np.ndarray, tail: np.ndarray, k: int, keep: np.ndarray | None):
         """(scores, ids) per query from the full int8 pre-scan and float32 rescoring."""

@@ -103,10 +103,23 @@ def test_embeddings_near_a_subspace_are_answered_by_their_leading_dimensions():
     assert scan.answered["lead"] == 16 and scan.answered["int8"] == 0
     away = unit(rng.standard_normal((3, 512)))  # off the subspace: too many candidates, so the full pre-scan
     assert_exact(scan, vectors, away, 10)
-    assert scan.answered["int8"] == 3
+    assert scan.answered["int8"] == 3 and scan.lead_misses == 3
     spread = ExactScan(vectors_like("spread", 3000, rng), block=1024)
     spread.pack()
     assert spread.lead_dims == 0  # data filling every dimension gets no first pass
+
+
+def test_queries_the_first_pass_keeps_missing_mostly_skip_it_until_it_answers_again():
+    rng = np.random.default_rng(7)
+    vectors = unit(rng.standard_normal((4000, 16)) @ rng.standard_normal((16, 512)) + 0.5 * rng.standard_normal((4000, 512)))
+    scan = ExactScan(vectors, block=1024)
+    for query in unit(rng.standard_normal((40, 512))):  # one at a time, as the server asks
+        assert_exact(scan, vectors, query[None], 10)
+    assert scan.answered["int8"] == 40
+    assert 10 <= scan.lead_misses <= 20  # tried until it answered under a quarter of its tries, then 1 in 8
+    for query in unit(vectors[rng.integers(0, 4000, 16)] + 0.01 * rng.standard_normal((16, 512))):
+        assert_exact(scan, vectors, query[None], 10)
+    assert scan.answered["lead"] >= 8  # a probe answered, so every query tries it again
 
 
 def test_a_flat_library_sized_index_is_prescanned_and_exact():
