@@ -7,8 +7,8 @@ product of unit vectors). Two kinds, chosen by size or forced:
   pre-scans, then float32 for the few items that can make the top k); the
   default up to ``HNSW_THRESHOLD`` items. At 100k items on 2 cores: FAISS's
   ``IndexFlatIP`` 19 ms (one thread for a single query), a float32 BLAS scan
-  10-15 ms, the pre-scans on the one thread they are given 1.3 ms for
-  embeddings near a low-dimensional subspace and 5.5-7.5 ms for uniformly
+  10-15 ms, the pre-scans on the one thread they are given 1.1-1.3 ms for
+  embeddings near a low-dimensional subspace and 4.9-7.4 ms for uniformly
   random vectors. The file still gets a FAISS flat index, the format every
   clap-ws version reads;
 * ``hnsw`` - approximate, ``IndexHNSWFlat`` (M=32), above it. ``efSearch``

@@ -22,7 +22,7 @@ reaches it is rescored. If that is more than 1/``LEAD_SHARE`` of the items
 (data that fills all dimensions, or a query far from the rows' subspace), the
 query goes on to the full int8 pre-scan instead. At 100k items the first
 pass's matmul takes 0.3-0.4 ms and a query it answers 1.1-1.3 ms in all,
-against 5.6-7.4 ms through the full pass. Where the first block's rows
+against 4.9-7.4 ms through the full pass. Where the first block's rows
 keep a median ``|x_rest|`` over ``LEAD_RESIDUAL``, the first pass is never
 built. Trying costs a query the first pass cannot answer about 1.5 ms at 100k
 items, so while the first pass answers under a quarter of the queries that
