@@ -164,6 +164,24 @@ def test_bf16_stays_close_to_fp32(model, fp32_model):
     assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_cuda_stays_close_to_fp32_on_the_cpu(fp32_model, precision):
+    """The same seeded weights on a GPU, in each precision, against the CPU's fp32 (never run here: no GPU was lent)."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    gpu = ClapModel.untrained(Architecture("HTSAT-tiny"), seed=0, device="cuda", precision=precision)
+    assert gpu.device.type == "cuda" and gpu.precision == precision
+    clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
+    a = CLAPExtractor(model=gpu).extract_batch(clips)
+    b = CLAPExtractor(model=fp32_model).extract_batch(clips)
+    for x, y in zip(a, b):
+        assert cosine(x, y) >= 0.999
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
+    for x, y in zip(gpu.embed_text(texts), fp32_model.embed_text(texts)):
+        assert cosine(x, y) >= 0.999
+
+
 def laion_swin_forwards(branch):
     """Undo :func:`serve_swin` on ``branch``: laion-clap's own forwards, which read the weights afresh each call."""
     vars(branch).pop("forward_features")
