@@ -148,19 +148,22 @@ def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
         assert cosine(a, b) >= 0.99999
 
 
+def assert_embeddings_close(model: ClapModel, reference: ClapModel) -> None:
+    """Sounds of 2, 4 and 10 s and three prompts embed within cosine 0.999 of the reference model's."""
+    clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
+    for x, y in zip(CLAPExtractor(model=model).extract_batch(clips), CLAPExtractor(model=reference).extract_batch(clips)):
+        assert cosine(x, y) >= 0.999
+    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
+    for x, y in zip(model.embed_text(texts), reference.embed_text(texts)):
+        assert cosine(x, y) >= 0.999
+
+
 def test_bf16_stays_close_to_fp32(model, fp32_model):
     if model.precision != "bf16":
         pytest.skip("this CPU has no native bf16, so auto precision is fp32")
     assert next(model.net.text_branch.parameters()).dtype == torch.bfloat16  # cast once, not autocast
     assert next(fp32_model.net.text_branch.parameters()).dtype == torch.float32
-    clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
-    a = CLAPExtractor(model=model).extract_batch(clips)
-    b = CLAPExtractor(model=fp32_model).extract_batch(clips)
-    for x, y in zip(a, b):
-        assert cosine(x, y) >= 0.999
-    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
-    for x, y in zip(model.embed_text(texts), fp32_model.embed_text(texts)):
-        assert cosine(x, y) >= 0.999
+    assert_embeddings_close(model, fp32_model)
     assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
 
 
@@ -172,14 +175,7 @@ def test_cuda_stays_close_to_fp32_on_the_cpu(fp32_model, precision):
         pytest.skip("this GPU has no bf16")
     gpu = ClapModel.untrained(Architecture("HTSAT-tiny"), seed=0, device="cuda", precision=precision)
     assert gpu.device.type == "cuda" and gpu.precision == precision
-    clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
-    a = CLAPExtractor(model=gpu).extract_batch(clips)
-    b = CLAPExtractor(model=fp32_model).extract_batch(clips)
-    for x, y in zip(a, b):
-        assert cosine(x, y) >= 0.999
-    texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
-    for x, y in zip(gpu.embed_text(texts), fp32_model.embed_text(texts)):
-        assert cosine(x, y) >= 0.999
+    assert_embeddings_close(gpu, fp32_model)
 
 
 def laion_swin_forwards(branch):
