@@ -255,8 +255,13 @@ class ExactScan:
         return np.array([s for s, _ in found]), np.array([i for _, i in found])
 
     def _try_lead(self) -> bool:
-        """Whether the next query tries the first pass: always while it answers a quarter of those it tries, which
-        is where trying pays (a miss costs about 1.5 ms at 100k items, an answer saves about 5); else 1 in ``LEAD_PROBE``."""
+        """Whether the next query tries the first pass.
+
+        Always while it answers at least a quarter of the queries that try it,
+        which is where trying pays (a miss costs about 1.5 ms at 100k items,
+        an answer saves about 5); below that, 1 query in ``LEAD_PROBE``, so
+        that it is found again when the queries change.
+        """
         if self._lead is None:
             return False
         self._lead_skipped = 0 if self._lead_rate >= 0.25 else self._lead_skipped + 1
