@@ -17,9 +17,11 @@ class Recorder:
         self.batches: list[list[int]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once a batch is inside the handler
         self.fail_on = fail_on
 
     def __call__(self, items):
+        self.entered.set()
         self.gate.wait(10)
         self.batches.append(list(items))
         if self.fail_on is not None and self.fail_on in items:
@@ -43,7 +45,7 @@ async def test_requests_queued_while_the_model_is_busy_form_one_batch_without_wa
     async with running(handler, max_batch=8, max_wait_ms=0) as batcher:
         handler.gate.clear()
         first = batcher.submit(0)
-        await asyncio.sleep(0.1)  # the worker holds item 0 in the handler
+        assert await asyncio.to_thread(handler.entered.wait, 10)  # the worker holds item 0 in the handler
         rest = [batcher.submit(i) for i in range(1, 12)]
         handler.gate.set()
         assert await asyncio.gather(first, *rest) == [i * 10 for i in range(12)]
@@ -67,7 +69,7 @@ async def test_full_queue_is_busy_at_once_and_nothing_queued_is_lost():
     async with running(handler, max_batch=2, max_queue=3) as batcher:
         handler.gate.clear()
         held = batcher.submit(0)
-        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(handler.entered.wait, 10)  # item 0 is held in the handler
         queued = [batcher.submit(i) for i in (1, 2, 3)]
         with pytest.raises(Busy, match="queue is full"):
             batcher.submit(4)
@@ -80,7 +82,7 @@ async def test_a_failing_batch_fails_only_its_own_items_and_a_cancelled_item_is_
     async with running(handler, max_batch=2) as batcher:
         handler.gate.clear()
         held = batcher.submit(0)
-        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(handler.entered.wait, 10)  # item 0 is held in the handler
         bad = [batcher.submit(1), batcher.submit(2)]
         gone = batcher.submit(3)
         good = batcher.submit(4)
