@@ -21,10 +21,17 @@ def vectors_like(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "spread":
         return unit(rng.standard_normal((n, 512)))
     if kind == "subspace":
-        latent = int(rng.integers(4, 48))
-        return unit(rng.standard_normal((n, latent)) @ rng.standard_normal((latent, 512)) + rng.standard_normal((n, 512)))
+        return near_subspace(n, int(rng.integers(4, 48)), 1.0, rng)
     centres = unit(rng.standard_normal((max(1, n // 20), 512)))
     return unit(centres[rng.integers(0, len(centres), n)] + 1e-3 * rng.standard_normal((n, 512)))
+
+
+def near_subspace(n: int, latent: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors near a random ``latent``-dimensional subspace: the low intrinsic dimension of embeddings.
+
+    Before normalising, the subspace part has a standard deviation of sqrt(latent) per dimension and the noise
+    off it ``noise``."""
+    return unit(rng.standard_normal((n, latent)) @ rng.standard_normal((latent, 512)) + noise * rng.standard_normal((n, 512)))
 
 
 def assert_exact(scan: ExactScan, vectors: np.ndarray, queries: np.ndarray, k: int, mask=None) -> None:
@@ -91,8 +98,7 @@ def test_near_duplicates_are_ranked_by_float32_not_by_int8():
 def test_embeddings_near_a_subspace_are_answered_by_their_leading_dimensions():
     """The first pass reads 64 of 512 rotated dimensions and still returns the float32 answer."""
     rng = np.random.default_rng(6)
-    basis = rng.standard_normal((24, 512))
-    vectors = unit(rng.standard_normal((6000, 24)) @ basis + 0.8 * rng.standard_normal((6000, 512)))
+    vectors = near_subspace(6000, 24, 0.8, rng)
     scan = ExactScan(vectors[:5000], block=2048)
     scan.pack()
     assert scan.lead_dims == 64 and scan.packed == 5000
@@ -111,7 +117,7 @@ def test_embeddings_near_a_subspace_are_answered_by_their_leading_dimensions():
 
 def test_queries_the_first_pass_keeps_missing_mostly_skip_it_until_it_answers_again():
     rng = np.random.default_rng(7)
-    vectors = unit(rng.standard_normal((4000, 16)) @ rng.standard_normal((16, 512)) + 0.5 * rng.standard_normal((4000, 512)))
+    vectors = near_subspace(4000, 16, 0.5, rng)
     scan = ExactScan(vectors, block=1024)
     for query in unit(rng.standard_normal((40, 512))):  # one at a time, as the server asks
         assert_exact(scan, vectors, query[None], 10)
