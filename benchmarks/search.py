@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -31,8 +29,7 @@ import numpy as np
 from clap_ws.index import VectorIndex
 from clap_ws.scan import ExactScan, single_threaded
 from clap_ws.similarity import unit
-
-ROOT = Path(__file__).resolve().parent.parent
+from latency import ROOT, machine
 
 
 def synthetic(n: int, queries: int, latent: int = 24, seed: int = 0):
@@ -100,8 +97,7 @@ def main(argv=None) -> int:
         del vectors
     for r in rows:
         r.pop("ids")
-    cpu = platform.processor() or platform.machine()
-    meta = {"machine": f"{cpu}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "queries": args.queries}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

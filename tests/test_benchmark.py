@@ -67,3 +67,17 @@ def test_the_throughput_target_is_judged_on_the_median_of_paired_rounds(monkeypa
     assert latency.targets([sixteen], paired) == [
         ("16 clients: throughput >= 3x the naive baseline", "3.00x (median of 3 paired rounds: 2.00, 3.50, 3.00)", True),
         ("16 clients: no sound waits more than 2 batch times (queue p99 / batch time)", "1.50", True)]
+
+
+def test_onnx_runtime_benchmark_runs_the_exported_encoder_and_matches_torch(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_runtime.py"), "--rounds", "1",
+                             "--iterations", "1", "--windows", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["engine"].split(" (")[0]: r for r in json.loads((tmp_path / "onnx.json").read_text())["results"]}
+    assert set(rows) == {"torch fp32", "torch auto", "onnxruntime fp32"}
+    assert rows["torch fp32"]["x_torch_fp32"] == 1.0
+    assert all(r["ms_per_window_p50"] > 0 and r["x_torch_fp32"] > 0 for r in rows.values())
+    assert rows["onnxruntime fp32"]["cosine_to_torch_fp32"] >= 0.9999  # the same fp32 network, two windows
+    assert rows["torch auto"]["cosine_to_torch_fp32"] >= 0.999
+    assert "| onnxruntime fp32 |" in (tmp_path / "onnx.md").read_text()
