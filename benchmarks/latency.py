@@ -5,8 +5,10 @@
     python benchmarks/latency.py --checkpoint PATH
     python benchmarks/latency.py --quick         # a tiny run (the smoke test uses it)
 
-Starts real servers as separate processes (clap-ws in fp32 and in its
-default precision, and the naive baseline of benchmarks/naive_server.py) and
+Starts real servers as separate processes (clap-ws in fp32, in its default
+precision, with ``--compile`` and, on a CPU where the ``openvino`` package is
+installed (``pip install -e '.[openvino]'``), with ``--engine openvino``; and
+the naive baseline of benchmarks/naive_server.py) and
 drives them with real WebSocket clients on 127.0.0.1. For each configuration
 it reports p50/p95/p99 end-to-end latency per sound (client send to reply
 received), throughput, the share of sounds within the budget, model time,
@@ -15,8 +17,8 @@ resident memory. Every figure is also a ratio to the baseline measured in the
 same run, since absolute times on a shared machine mean little.
 
 All servers start first and stay up (idle ones cost no CPU). After the sweep,
-the 16-client runs of the baseline, of clap-ws and of ``--compile`` are
-repeated in ``ROUNDS`` alternating rounds, and the throughput target is
+the 16-client runs of the baseline, of clap-ws, of ``--compile`` and of
+``--engine openvino`` are repeated in ``ROUNDS`` alternating rounds, and the throughput target is
 judged on the median of the per-round ratios: drift on a shared host (the
 baseline alone ranged 6.6-8.0 sounds/s between runs) then hits both sides of
 each ratio alike.
@@ -48,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUDGET_MS = 100.0
 ROUNDS = 3  # paired rounds for the 16-client throughput ratio
 BASELINE = "naive fp32, 16 clients, one-shot"
-PAIRED = (BASELINE, "clap-ws, 16 clients", "clap-ws --compile, 16 clients")
+PAIRED = (BASELINE, "clap-ws, 16 clients", "clap-ws --compile, 16 clients", "clap-ws --engine openvino, 16 clients")
+VARIANTS = (("clap-ws", ""), ("clap-ws --compile", " [--compile]"), ("clap-ws --engine openvino", " [--engine openvino]"))
 
 
 def sound(seconds: float, rate: int, seed: int) -> np.ndarray:
@@ -226,6 +229,8 @@ def plan(quick: bool) -> list[Config]:
         Config("clap-ws --compile, 1 client", "clap-ws compiled"),
         Config("clap-ws --compile, 16 clients", "clap-ws compiled", clients=16),
         Config("clap-ws --compile, text prompt, uncached", "clap-ws compiled", form="text-uncached"),
+        Config("clap-ws --engine openvino, 1 client", "clap-ws openvino"),
+        Config("clap-ws --engine openvino, 16 clients", "clap-ws openvino", clients=16),
     ]
     return configs
 
@@ -268,12 +273,13 @@ def paired_ratios(paired: list[dict], name: str) -> list[float]:
 def targets(rows: list[dict], paired: list[dict] = ()) -> list[tuple[str, str, bool]]:
     """The issue's targets for this machine, each with the measured value and whether it is met.
 
-    Each is checked for the default server and, where the run has it, for ``--compile``.
+    Each is checked for the default server and, where the run has them, for ``--compile`` and
+    ``--engine openvino``.
     """
     by = {r["name"]: r for r in rows}
     out = []
     naive = by.get(BASELINE)
-    for prefix, label in (("clap-ws", ""), ("clap-ws --compile", " [--compile]")):
+    for prefix, label in VARIANTS:
         one = by.get(f"{prefix}, 1 client")
         if one:
             out.append((f"1 client, 2-s sounds at 44.1 kHz: p50 <= 50 ms{label}", f"{one['p50_ms']:.1f} ms",
@@ -360,8 +366,12 @@ def main(argv=None) -> int:
         "clap-ws fp32": ["-m", "clap_ws", "serve", *weights, "--device", args.device, "--precision", "fp32"],
         "clap-ws auto": ["-m", "clap_ws", "serve", *weights, "--device", args.device],
         "clap-ws compiled": ["-m", "clap_ws", "serve", *weights, "--device", args.device, "--compile"],
+        "clap-ws openvino": ["-m", "clap_ws", "serve", *weights, "--device", args.device, "--engine", "openvino"],
     }
     configs = plan(args.quick)
+    if args.device != "cpu" or importlib.util.find_spec("openvino") is None:
+        print("skipping --engine openvino: it runs on the CPU and needs pip install -e '.[openvino]'")
+        configs = [c for c in configs if c.server != "clap-ws openvino"]
     outcomes: list[Outcome] = []
     paired: list[dict] = []
     servers: dict[str, Server] = {}

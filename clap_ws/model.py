@@ -40,7 +40,11 @@ Decisions made here, once, at construction:
   prompt takes about what the eager text tower takes (13-18 ms). It costs
   about 2.5 minutes of compiling at warm-up (one graph per audio chunk
   shape, two for text: batch 1 and any batch, any length; freezing bypasses
-  Inductor's on-disk cache).
+  Inductor's on-disk cache);
+* engine - ``torch``, or ``openvino``: the audio encoder after its
+  spectrogram front end compiled by OpenVINO (:mod:`clap_ws.openvino_audio`;
+  CPU, non-fusion; 0.68-0.92x torch's time per window, most gain in fp32 and
+  at one window per call; about 10 s more at start). Text stays in torch.
 
 The network is never called from two threads at once: the batcher's single
 worker owns it (see :mod:`clap_ws.batching`). Build it with
@@ -76,16 +80,18 @@ import torch
 from . import laion
 from .checkpoint import Architecture, Identity, detect_architecture, read_checkpoint, sha256_of
 from .errors import ModelError, TextUnavailable
+from .openvino_audio import OpenVinoAudio
 from .roberta import serve_roberta
 from .swin import serve_swin
 from .towers import (AudioTower, TextTower, can_pack_linears, cast_weights, chunk_sizes, fft_stft, fp32_forward,
-                     pack_linears, unpack_linears)
+                     log_mel, pack_linears, unpack_linears)
 from .tokenizer import byte_level_tokenizer, tokenize
 
 SAMPLE_RATE = 48_000
 WINDOW_SAMPLES = 480_000  # CLAP sees 10 s at 48 kHz
 EMBED_DIM = 512
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("torch", "openvino")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CHUNK, GPU_CHUNK = 4, 32
 TEXT_CHUNK = 64  # texts per text-tower call; 64 x 77 tokens need about 30 MB of activations
@@ -149,11 +155,14 @@ class ClapModel:
     tokenizer_source: str = "none"
     chunk: int = 0  # windows per network call; 0: 4 on a CPU, 32 elsewhere
     compile: bool = False
+    engine: str = "torch"  # or "openvino": the audio encoder compiled by OpenVINO (CPU)
     _autocast: object = field(init=False, repr=False)
+    _openvino: OpenVinoAudio | None = field(init=False, repr=False, default=None)
     _audio: object = field(init=False, repr=False)
     _text: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_engine()  # before anything touches the network
         self.net.eval()
         self.chunk = self.chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
         if self.chunk < 1:
@@ -166,6 +175,11 @@ class ClapModel:
         serve_roberta(self.net.text_branch)
         self._autocast = contextlib.nullcontext
         unpack_linears(self.net)  # a network shared with an earlier model (tests) starts plain
+        if self.engine == "openvino":
+            with torch.inference_mode():
+                mel = log_mel(branch, torch.zeros(1, WINDOW_SAMPLES, device=self.device))
+            self._openvino = OpenVinoAudio(self.net, tuple(mel.shape[2:]), self.precision, self.chunk,
+                                           torch.get_num_threads())
         dtype = _DTYPES[self.precision]
         if self.precision != "fp32" and self.device.type == "cpu":
             cast_weights(self.net, dtype)
@@ -175,8 +189,8 @@ class ClapModel:
                 if hasattr(branch, name):
                     fp32_forward(getattr(branch, name))
         if not self.compile and can_pack_linears(self.device, dtype):
-            for part in (self.net.text_branch, self.net.text_projection, self.net.audio_branch,
-                         self.net.audio_projection):
+            audio = () if self._openvino else (self.net.audio_branch, self.net.audio_projection)
+            for part in (self.net.text_branch, self.net.text_projection, *audio):
                 pack_linears(part)
         self._audio = AudioTower(self.net, self.architecture.fusion)
         self._text = TextTower(self.net)
@@ -186,6 +200,19 @@ class ClapModel:
                                  "takes data-dependent paths); run fusion models without it")
             self._audio = torch.compile(self._audio, dynamic=False)
             self._text = torch.compile(self._text, dynamic=True)  # token counts vary
+
+    def _check_engine(self) -> None:
+        if self.engine not in ENGINES:
+            raise ModelError(f"unknown engine {self.engine!r}: one of {', '.join(ENGINES)}")
+        if self.engine == "torch":
+            return
+        if self.device.type != "cpu":
+            raise ModelError(f"--engine openvino runs on the CPU, not on {self.device}; leave --engine out there")
+        if self.architecture.fusion:
+            raise ModelError("--engine openvino supports non-fusion checkpoints only (the fusion branch takes "
+                             "data-dependent paths); run fusion models with --engine torch")
+        if self.compile:
+            raise ModelError("--engine openvino and --compile are two ways to compile the audio encoder: pick one")
 
     # ---- construction -------------------------------------------------
     @staticmethod
@@ -201,7 +228,8 @@ class ClapModel:
 
     @classmethod
     def untrained(cls, architecture: Architecture = Architecture(), seed: int = 0, device: str | None = None,
-                  precision: str = "auto", chunk: int = 0, compile: bool = False) -> "ClapModel":
+                  precision: str = "auto", chunk: int = 0, compile: bool = False,
+                  engine: str = "torch") -> "ClapModel":
         """laion-clap's architecture with seeded random weights. Its output means nothing."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -210,13 +238,14 @@ class ClapModel:
         return cls(
             net.to(dev), architecture, Identity("untrained", seed=seed), dev,
             resolve_precision(precision, dev), byte_level_tokenizer(), "built-in byte-level BPE (untrained)",
-            chunk, compile,
+            chunk, compile, engine,
         )
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None,
                         precision: str = "auto", tokenizer=None, tokenizer_source: str = "none",
-                        allow_pickle: bool = False, chunk: int = 0, compile: bool = False) -> "ClapModel":
+                        allow_pickle: bool = False, chunk: int = 0, compile: bool = False,
+                        engine: str = "torch") -> "ClapModel":
         """Load a LAION-CLAP checkpoint file; the architecture comes from its tensors."""
         path = Path(path)
         state = read_checkpoint(path, allow_pickle)
@@ -239,7 +268,7 @@ class ClapModel:
         dev = resolve_device(device)
         identity = Identity(path.name, sha256_of(path), str(path.resolve()))
         return cls(net.to(dev), architecture, identity, dev, resolve_precision(precision, dev),
-                   tokenizer, tokenizer_source, chunk, compile)
+                   tokenizer, tokenizer_source, chunk, compile, engine)
 
     # ---- inference (one thread at a time) -----------------------------
     def embed_windows(self, windows: np.ndarray) -> np.ndarray:
@@ -258,6 +287,8 @@ class ClapModel:
         waveform = torch.from_numpy(windows).as_strided(windows.shape, (windows.shape[1], 1))
         waveform = waveform.to(self.device, non_blocking=True)
         with self._autocast():
+            if self._openvino is not None:
+                return self._openvino(log_mel(self.net.audio_branch, waveform))
             return self._audio(waveform).float().cpu().numpy()
 
     @torch.inference_mode()
@@ -292,7 +323,8 @@ class ClapModel:
         per chunk shape, the text tower for one text and for several.
         """
         if not self.compile:
-            self.embed_windows(np.zeros((1, WINDOW_SAMPLES), dtype=np.float32))
+            for size in self._openvino.sizes if self._openvino else [1]:  # OpenVINO: each compiled shape
+                self._embed_chunk(np.zeros((size, WINDOW_SAMPLES), dtype=np.float32))
             return
         import torch._inductor.config as inductor_config
 
@@ -322,6 +354,7 @@ class ClapModel:
             "precision": self.precision,
             "chunk": self.chunk,
             "compiled": self.compile,
+            "engine": f"openvino {self._openvino.version}" if self._openvino else "torch",
             "dimension": EMBED_DIM,
             "model_sample_rate": SAMPLE_RATE,
             "text": self.tokenizer is not None,

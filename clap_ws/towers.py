@@ -10,6 +10,7 @@
   work whose result is thrown away, fewer passes over the activations);
 * :class:`AudioTower` / :class:`TextTower` - each encoder and its projection
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
+  :class:`AudioBody` - the audio tower after its front end, for other engines;
 * :func:`fusion_mel` - the fusion models' input, in plain torch;
 * :func:`chunk_sizes` - how many windows go through the network per call.
 """
@@ -161,6 +162,31 @@ class AudioTower(torch.nn.Module):
             dtype = self.projection[0].weight.dtype
             batch["mel_fusion"] = fusion_mel(waveform, self.audio_cfg).to(dtype)
         return self.projection(self.branch(batch, mixup_lambda=None, device=waveform.device)["embedding"])
+
+
+class AudioBody(torch.nn.Module):
+    """A non-fusion audio tower after its spectrogram front end: log-mel (B, 1, T, mel bins) -> raw embedding.
+
+    ``AudioTower`` computes ``AudioBody(log_mel(branch, waveform))`` for
+    non-fusion models. This is the part other engines can take
+    (:mod:`clap_ws.openvino_audio`, ``benchmarks/engines.py``): the front
+    end's FFT returns complex tensors, which neither ``torch.onnx`` nor
+    OpenVINO converts, and costs about 3 ms of a window.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.branch, self.projection = net.audio_branch, net.audio_projection
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        branch = self.branch
+        x = branch.bn0(mel.transpose(1, 3)).transpose(1, 3)
+        return self.projection(branch.forward_features(branch.reshape_wav2img(x))["embedding"])
+
+
+def log_mel(branch: torch.nn.Module, waveform: torch.Tensor) -> torch.Tensor:
+    """HTSAT's spectrogram front end: waveforms (B, samples) -> log-mel (B, 1, T, mel bins)."""
+    return branch.logmel_extractor(branch.spectrogram_extractor(waveform))
 
 
 class TextTower(torch.nn.Module):

@@ -142,7 +142,7 @@ def _on_a_thread_that_ends(build):
 @_on_a_thread_that_ends
 def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool = False, seed: int = 0,
                audio_model: str = "HTSAT-tiny", device: str | None = None, precision: str = "auto",
-               chunk: int = 0, compile: bool = False,
+               chunk: int = 0, compile: bool = False, engine: str = "torch",
                cache: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
                allow_pickle: bool = False, download_missing: bool = False):
     """Build the one model a process serves, from the options every subcommand shares.
@@ -158,7 +158,7 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
         if checkpoint:
             raise ModelError("--untrained and --checkpoint exclude each other")
         return ClapModel.untrained(Architecture(audio_model), seed=seed, device=device, precision=precision,
-                                   chunk=chunk, compile=compile)
+                                   chunk=chunk, compile=compile, engine=engine)
     path = find_checkpoint(checkpoint, folder)
     if path is None:
         if not download_missing:
@@ -172,4 +172,5 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
         _log.warning("roberta-base tokenizer files not found: text features are unavailable "
                      "(run `clap-ws download` or set CLAP_TOKENIZER_DIR); audio works")
     return ClapModel.from_checkpoint(path, device=device, precision=precision, tokenizer=tokenizer,
-                                     tokenizer_source=source, allow_pickle=allow_pickle, chunk=chunk, compile=compile)
+                                     tokenizer_source=source, allow_pickle=allow_pickle, chunk=chunk, compile=compile,
+                                     engine=engine)

@@ -69,15 +69,18 @@ def test_the_throughput_target_is_judged_on_the_median_of_paired_rounds(monkeypa
         ("16 clients: no sound waits more than 2 batch times (queue p99 / batch time)", "1.50", True)]
 
 
-def test_onnx_runtime_benchmark_runs_the_exported_encoder_and_matches_torch(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_runtime.py"), "--rounds", "1",
+def test_engines_benchmark_runs_the_exported_encoder_and_matches_torch(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engines.py"), "--rounds", "1",
                              "--iterations", "1", "--windows", "2", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = {r["engine"].split(" (")[0]: r for r in json.loads((tmp_path / "onnx.json").read_text())["results"]}
-    assert set(rows) == {"torch fp32", "torch auto", "onnxruntime fp32"}
+    rows = {r["engine"].split(" (")[0]: r for r in json.loads((tmp_path / "engines.json").read_text())["results"]}
+    assert set(rows) == {"torch fp32", "torch auto", "onnxruntime fp32", "openvino fp32", "openvino auto"}
     assert rows["torch fp32"]["x_torch_fp32"] == 1.0
     assert all(r["ms_per_window_p50"] > 0 and r["x_torch_fp32"] > 0 for r in rows.values())
-    assert rows["onnxruntime fp32"]["cosine_to_torch_fp32"] >= 0.9999  # the same fp32 network, two windows
-    assert rows["torch auto"]["cosine_to_torch_fp32"] >= 0.999
-    assert "| onnxruntime fp32 |" in (tmp_path / "onnx.md").read_text()
+    for engine in ("onnxruntime fp32", "openvino fp32"):  # the same fp32 network, two windows
+        assert rows[engine]["cosine_to_torch_fp32"] >= 0.9999, rows[engine]
+    for engine in ("torch auto", "openvino auto"):
+        assert rows[engine]["cosine_to_torch_fp32"] >= 0.999, rows[engine]
+    table = (tmp_path / "engines.md").read_text()
+    assert "| onnxruntime fp32 |" in table and "| openvino fp32 |" in table

@@ -1,14 +1,14 @@
-"""ONNX Runtime against torch for the audio encoder on the CPU: would it pay to adopt it?
+"""Other inference engines against torch for the audio encoder on the CPU: would one pay to adopt?
 
-    pip install -e '.[onnx]'
-    python benchmarks/onnx_runtime.py                  # 3 rounds of 30 windows per engine
-    python benchmarks/onnx_runtime.py --windows 4      # 4 windows per call, as under load
+    pip install -e '.[engines]'
+    python benchmarks/engines.py                  # 3 rounds of 30 calls per engine, 1 window per call
+    python benchmarks/engines.py --windows 4      # 4 windows per call, as under load
 
 What runs: HTSAT after its spectrogram front end (``bn0``, the time-frequency
 image, the Swin transformer with clap-ws's inference forwards, the
-projection), the part that costs 95 % of a window. ``torch.onnx`` cannot
-export the front end: its FFT returns complex tensors. All engines get the
-same log-mel input, computed once from a chirp.
+projection), the part that costs 95 % of a window. Neither ``torch.onnx``
+nor OpenVINO's converter takes the front end: its FFT returns complex
+tensors. All engines get the same log-mel input, computed once from chirps.
 
 Engines, with the same untrained weights:
 
@@ -17,15 +17,18 @@ Engines, with the same untrained weights:
 * ``torch auto`` - clap-ws's default precision on this machine (bf16 where
   the CPU has it);
 * ``onnxruntime fp32`` - the fp32 network exported with ``torch.onnx``
-  (dynamo), run by ONNX Runtime's CPU provider with all graph optimisations
-  and as many intra-op threads as torch uses.
+  (dynamo), run by ONNX Runtime's CPU provider with all graph optimisations;
+* ``openvino fp32`` and ``openvino auto`` - the same ONNX file compiled by
+  OpenVINO for the CPU (latency hint), in fp32 and in its default precision
+  (bf16 where the CPU has it).
 
-Each engine runs in a process of its own: two thread pools in one process
-slow each other on a small machine. The engines take turns, round after
-round, so drift on a shared host hits all of them alike; the table gives each
-engine's median over all its calls and its ratio to ``torch fp32`` (the median
-of the per-round ratios), and the cosine of its embedding to ``torch fp32``'s.
-Results go to ``--out`` as onnx.json and onnx.md.
+Every engine gets as many threads as torch uses here. Each runs in a process
+of its own: two thread pools in one process slow each other on a small
+machine. The engines take turns, round after round, so drift on a shared host
+hits all of them alike; the table gives each engine's median over all its
+calls, its ratio to ``torch fp32`` (the median of the per-round ratios), and
+the cosine of its embeddings to ``torch fp32``'s. Results go to ``--out`` as
+engines.json and engines.md.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import numpy as np
 
 from latency import ROOT, machine
 
-ENGINES = ["torch fp32", "torch auto", "onnxruntime fp32"]
+ENGINES = ["torch fp32", "torch auto", "onnxruntime fp32", "openvino fp32", "openvino auto"]
 BASELINE = ENGINES[0]
 
 
@@ -60,29 +63,12 @@ def _on_model_thread(fn):
     return box["value"]
 
 
-def _body(net):
-    """The audio encoder after its spectrogram front end, as one module: log-mel (B, 1, T, 64) -> raw embedding."""
-    import torch
-
-    class Body(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.branch, self.projection = net.audio_branch, net.audio_projection
-
-        def forward(self, mel):
-            branch = self.branch
-            x = branch.bn0(mel.transpose(1, 3)).transpose(1, 3)
-            return self.projection(branch.forward_features(branch.reshape_wav2img(x))["embedding"])
-
-    return Body().eval()
-
-
 def export(folder: Path, windows: int) -> dict:
     """Write the log-mel input and the fp32 network as ONNX into ``folder``."""
     import torch
 
     from clap_ws.model import WINDOW_SAMPLES, ClapModel
-    from clap_ws.towers import unpack_linears
+    from clap_ws.towers import AudioBody, log_mel, unpack_linears
 
     def work():
         model = ClapModel.untrained(precision="fp32")
@@ -90,12 +76,11 @@ def export(folder: Path, windows: int) -> dict:
         t = np.arange(WINDOW_SAMPLES) / 48000
         chirps = [0.4 * np.sin(2 * np.pi * ((100 + 50 * i) * t + 300 * t * t)) for i in range(windows)]
         wave = torch.from_numpy(np.stack(chirps).astype(np.float32))
-        branch = model.net.audio_branch
         with torch.inference_mode():
-            mel = branch.logmel_extractor(branch.spectrogram_extractor(wave)).float()
+            mel = log_mel(model.net.audio_branch, wave).float()
         np.save(folder / "mel.npy", mel.numpy())
         started = time.perf_counter()
-        torch.onnx.export(_body(model.net), (mel.clone(),), str(folder / "audio.onnx"), dynamo=True,
+        torch.onnx.export(AudioBody(model.net), (mel.clone(),), str(folder / "audio.onnx"), dynamo=True,
                           external_data=False, verbose=False,
                           dynamic_shapes=({0: torch.export.Dim("windows", min=1, max=64)},))
         return {"export_s": time.perf_counter() - started}
@@ -106,6 +91,18 @@ def export(folder: Path, windows: int) -> dict:
 def run_engine(engine: str, folder: Path, iterations: int) -> dict:
     """Time ``iterations`` calls of one engine on the saved input; save its embeddings."""
     mel = np.load(folder / "mel.npy")
+    if engine.startswith("openvino"):
+        import openvino as ov
+        import torch
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        if engine.endswith("fp32"):
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        compiled = ov.Core().compile_model(str(folder / "audio.onnx"), "CPU", config)
+        request = compiled.create_infer_request()
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16
+        label = engine if engine.endswith("fp32") else f"{engine} ({precision})"
+        return _time(label, lambda: request.infer({0: mel})[0].copy(), folder, iterations)
     if engine.startswith("onnxruntime"):
         import onnxruntime as ort
         import torch
@@ -123,9 +120,10 @@ def run_engine(engine: str, folder: Path, iterations: int) -> dict:
         import torch
 
         from clap_ws.model import ClapModel
+        from clap_ws.towers import AudioBody
 
         model = ClapModel.untrained(precision=engine.split()[1])
-        body = _body(model.net)
+        body = AudioBody(model.net)
         x = torch.from_numpy(mel).to(model.net.audio_branch.bn0.weight.dtype)
 
         def call():
@@ -206,10 +204,10 @@ def main(argv=None) -> int:
             run_engine(kind, folder, int(args.worker[2]))
         print(json.dumps(result))
         return 0
-    missing = [m for m in ("onnxruntime", "onnx", "onnxscript") if not _importable(m)]
+    missing = [m for m in ("onnxruntime", "onnx", "onnxscript", "openvino") if not _importable(m)]
     if missing:
-        parser.error(f"needs {', '.join(missing)}: pip install -e '.[onnx]'")
-    with tempfile.TemporaryDirectory(prefix="clap-ws-onnx-") as tmp:
+        parser.error(f"needs {', '.join(missing)}: pip install -e '.[engines]'")
+    with tempfile.TemporaryDirectory(prefix="clap-ws-engines-") as tmp:
         folder = Path(tmp)
         exported = _worker(["export", str(folder), str(args.windows)])
         print(f"exported the fp32 audio encoder in {exported['export_s']:.0f} s", flush=True)
@@ -227,8 +225,8 @@ def main(argv=None) -> int:
             "rounds": args.rounds, "iterations": args.iterations, "export_s": exported["export_s"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "onnx.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    (out / "onnx.md").write_text(markdown(rows, meta))
+    (out / "engines.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (out / "engines.md").write_text(markdown(rows, meta))
     print("\n" + markdown(rows, meta))
     return 0
 

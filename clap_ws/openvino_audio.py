@@ -1,0 +1,118 @@
+"""The audio encoder compiled by OpenVINO: an optional engine for CPUs (``--engine openvino``).
+
+Why it exists: OpenVINO's CPU plugin runs HTSAT's transformer in less time
+than torch's eager kernels. ``benchmarks/engines.py`` (each engine in a
+process of its own, taking turns, 2 Zen 4 cores) measured per window, at 1
+window per call, 0.85x torch's time in bf16 and 0.68x in fp32 (what CPUs
+without native bf16, most laptops among them, run); at 4 windows per call
+0.91x and 0.89x. Inside one process, beside torch (which keeps the front end
+and the text encoder), the bf16 gain at 1 window was 0.87-0.92x.
+
+How it is shaped:
+
+* The spectrogram front end stays in torch: its FFT returns complex tensors,
+  which neither ``torch.onnx`` nor OpenVINO converts, and it is about 3 ms of
+  a window. Everything after it (:class:`~clap_ws.towers.AudioBody`: ``bn0``,
+  the time-frequency image, the Swin transformer with clap-ws's inference
+  forwards, the projection) is exported once with ``torch.onnx`` (about 10 s
+  at start) and compiled by OpenVINO once per call shape (1, 2, 4 ...
+  windows, up to the model's chunk; 0.5 s each).
+* ``torch.onnx`` rather than OpenVINO's own converter (``ov.convert_model``),
+  because that one sends usage telemetry unless a consent file says no, and
+  clap-ws does not touch the network unless asked.
+* OpenVINO gets the model's precision (bf16 or fp32), the latency hint and
+  as many threads as torch uses. Its embeddings stay within cosine 0.999 of
+  torch's fp32 (tested).
+* Non-fusion checkpoints only (the fusion branch takes data-dependent paths),
+  CPU only, and not together with ``--compile``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.util
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+from .towers import AudioBody
+
+_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_NEEDS = ("openvino", "onnx", "onnxscript")  # onnx and onnxscript: torch.onnx's exporter
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version (``2026.4.1``), or None."""
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino
+
+    return openvino.__version__.split("-")[0]
+
+
+class OpenVinoAudio:
+    """:class:`~clap_ws.towers.AudioBody` of ``net`` compiled by OpenVINO for each power-of-two call size up to ``chunk``.
+
+    ``net`` must be in eval mode and fp32, with clap-ws's Swin forwards
+    (:func:`clap_ws.swin.serve_swin`). Call from one thread at a time.
+    """
+
+    def __init__(self, net: torch.nn.Module, mel_shape: tuple[int, int], precision: str, chunk: int, threads: int):
+        missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ModelError(f"--engine openvino needs {', '.join(missing)}: pip install 'clap-ws[openvino]'")
+        import openvino
+
+        self.version = openvino_version()
+        frames, bins = mel_shape
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                  "INFERENCE_PRECISION_HINT": _PRECISION[precision]}
+        core = openvino.Core()
+        self.calls: collections.Counter = collections.Counter()  # calls per size, for tests and curiosity
+        self._requests = {}
+        with tempfile.TemporaryDirectory(prefix="clap-ws-openvino-") as folder:
+            path = Path(folder) / "audio.onnx"
+            _export(AudioBody(net), torch.zeros(2, 1, frames, bins), path)
+            size = 1
+            while size <= chunk:
+                model = core.read_model(str(path))
+                model.reshape([size, 1, frames, bins])  # static shapes compile to faster code
+                self._requests[size] = core.compile_model(model, "CPU", config).create_infer_request()
+                size *= 2
+
+    @property
+    def sizes(self) -> list[int]:
+        """The call sizes (windows) compiled."""
+        return list(self._requests)
+
+    def __call__(self, mel: torch.Tensor) -> np.ndarray:
+        """Raw embeddings (N, 512) of log-mel ``mel`` (N, 1, frames, bins), N one of :attr:`sizes`."""
+        request = self._requests[mel.shape[0]]
+        self.calls[mel.shape[0]] += 1
+        return request.infer({0: mel.float().contiguous().numpy()})[0].copy()  # the output buffer is reused
+
+
+def _export(body: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``torch.onnx.export`` with a dynamic window count, quietly (it prints its progress and warns on laion-clap's asserts)."""
+    if any(p.dtype != torch.float32 for p in body.parameters()):
+        raise ModelError("--engine openvino exports the audio encoder in fp32, but this network is already cast")
+    windows = torch.export.Dim("windows", min=1, max=1024)
+    chatty = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping ..." and the like
+    level = chatty.level
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chatty.setLevel(logging.ERROR)
+        try:
+            torch.onnx.export(body, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: windows},), verbose=False)
+        except Exception as exc:  # the exporter's errors run to pages; the first line says what failed
+            raise ModelError(f"could not export the audio encoder for OpenVINO: {str(exc).splitlines()[0]}") from exc
+        finally:
+            chatty.setLevel(level)

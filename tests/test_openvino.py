@@ -1,0 +1,81 @@
+"""``--engine openvino``: the audio encoder compiled by OpenVINO gives torch's embeddings, in the model and in a real server."""
+
+import asyncio
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import websockets
+from conftest import chirp, cosine, noise, running_server, tone
+from test_cli import Served, offline_env
+
+from clap_ws.checkpoint import Architecture
+from clap_ws.errors import ModelError
+from clap_ws.model import ClapModel
+
+
+def ten_second_windows() -> np.ndarray:
+    return np.stack([tone(330, seconds=10), noise(seconds=10, seed=4), chirp(seconds=10)]).astype(np.float32)
+
+
+def test_openvino_fp32_gives_torch_fp32s_embeddings(fp32_model):
+    engine = ClapModel.untrained(seed=0, precision="fp32", chunk=2, engine="openvino")
+    assert engine._openvino.sizes == [1, 2] and engine.describe()["engine"].startswith("openvino 20")
+    assert fp32_model.describe()["engine"] == "torch"
+    windows = ten_second_windows()
+    ours, torch_ = engine.embed_windows(windows), fp32_model.embed_windows(windows)  # a call of 2, then of 1
+    for a, b in zip(ours, torch_):
+        assert cosine(a, b) >= 0.9999
+    assert engine._openvino.calls == {2: 1, 1: 1}
+    gap = max(np.linalg.norm(a - b) for a, b in zip(ours, torch_))
+    assert gap > 0  # OpenVINO's kernels round differently: these did not come from torch
+    assert np.linalg.norm(ours[0] - ours[1]) > 20 * gap and np.linalg.norm(ours[1] - ours[2]) > 20 * gap
+
+
+def test_openvino_engine_in_its_default_precision_through_a_real_server(tmp_path, fp32_model):
+    server = Served([sys.executable, "-m", "clap_ws", "serve", "--untrained", "--engine", "openvino", "--chunk", "1",
+                     "--port", "0"], offline_env(tmp_path))
+    clips = [tone(440, seconds=2), chirp(seconds=13)]  # one window; two windows, one call each
+
+    async def embed(port):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/?sample_rate=48000", max_size=None) as ws:
+            await ws.send(json.dumps({"op": "info"}))
+            info = json.loads(await asyncio.wait_for(ws.recv(), 120))
+            replies = []
+            for clip in clips:
+                await ws.send(clip.tobytes())
+                replies.append(json.loads(await asyncio.wait_for(ws.recv(), 120)))
+            return info, replies
+
+    async def reference():
+        async with running_server(fp32_model) as srv:
+            return (await embed(srv.port))[1]
+
+    try:
+        info, replies = asyncio.run(embed(server.wait_for_port(timeout=300)))
+        expected = asyncio.run(reference())
+    finally:
+        server.kill()
+    assert info["engine"].startswith("openvino ") and info["chunk"] == 1 and info["untrained"] is True
+    for reply, want in zip(replies, expected):
+        assert reply["status"] == "OK" and reply["model"] == "untrained"
+        assert cosine(reply["embedding"], want["embedding"]) >= 0.999  # bf16 where the CPU has it, else fp32
+    assert cosine(replies[0]["embedding"], replies[1]["embedding"]) < 0.9999
+
+
+def test_openvino_engine_refuses_what_it_cannot_run(model):
+    def build(**options):
+        fields = dict(net=model.net, architecture=model.architecture, identity=model.identity, device=model.device,
+                      precision=model.precision, engine="openvino")
+        return ClapModel(**{**fields, **options})
+
+    with pytest.raises(ModelError, match="unknown engine 'tensorrt'"):
+        build(engine="tensorrt")
+    with pytest.raises(ModelError, match="pick one"):
+        build(compile=True)
+    with pytest.raises(ModelError, match="runs on the CPU, not on meta"):
+        build(device=torch.device("meta"))
+    with pytest.raises(ModelError, match="non-fusion checkpoints only"):
+        ClapModel.untrained(Architecture("HTSAT-tiny", "aff_2d"), engine="openvino")
