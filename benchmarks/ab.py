@@ -3,6 +3,7 @@
     git worktree add /tmp/before HEAD~1
     python benchmarks/ab.py /tmp/before                      # this checkout against that one
     python benchmarks/ab.py /tmp/before --form text-uncached -- --precision fp32
+    python benchmarks/ab.py . --new-options="--engine openvino"   # one checkout, two settings
 
 On a shared machine timings drift by 20 % or more between runs, which hides
 any change smaller than that when two versions are benchmarked one after the
@@ -10,7 +11,8 @@ other. Here both servers run at once and take turns: each request goes to one
 server, then the same request to the other (which goes first alternates), on
 one persistent connection each, so drift hits both alike. It reports each
 side's median model time and end-to-end latency, the ratio new/old, and each
-server's peak resident memory. Server options after ``--`` go to both.
+server's peak resident memory. Server options after ``--`` go to both;
+``--new-options`` adds some to the new side only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="sound length")
     parser.add_argument("--rate", type=int, default=44100, help="input sample rate")
     parser.add_argument("--requests", type=int, default=40, help="per server, after 2 warm-up requests")
+    parser.add_argument("--new-options", default="", metavar="'OPTIONS'",
+                        help="server options for the new side only (one string)")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
     servers = {}
     try:
         for name, root in (("old", args.old.resolve()), ("new", args.new.resolve())):
-            servers[name] = Server(["-m", "clap_ws", "serve", *options], name, root=root)
+            extra = shlex.split(args.new_options) if name == "new" else []
+            servers[name] = Server(["-m", "clap_ws", "serve", *options, *extra], name, root=root)
         results = asyncio.run(alternate({n: s.port for n, s in servers.items()}, config, args.requests))
         rss = {name: server.peak_rss_mb() for name, server in servers.items()}
     finally:
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
             server.stop()
     median = {name: {k: float(np.nanmedian(v)) for k, v in r.items()} for name, r in results.items()}
     print(f"{args.form}, {args.seconds:g} s at {args.rate} Hz, {args.requests} requests each, server options "
-          f"{' '.join(options)}")
+          f"{' '.join(options)}" + (f", new side also {args.new_options}" if args.new_options else ""))
     print("| | old | new | new / old |\n|---|---|---|---|")
     for key, label in (("model", "model p50 ms"), ("latency", "end to end p50 ms")):
         old, new = median["old"][key], median["new"][key]

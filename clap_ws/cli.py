@@ -66,8 +66,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "time, text about the same; about 2.5 minutes of compiling at start)")
     group.add_argument("--engine", default="torch", choices=["torch", "openvino"],
                        help="what runs the audio encoder: torch (default), or openvino: compiled by OpenVINO "
-                            "after the spectrogram (CPU, non-fusion; 2-core CPU: 0.68-0.92x the time per window; "
-                            "about 10 s more at start; pip install 'clap-ws[openvino]')")
+                            "after the spectrogram (CPU, non-fusion; in a 2-core server: model time 0.82x in fp32, "
+                            "0.88-0.97x in bf16; about 15 s more at start and 1.1 GB more memory; "
+                            "pip install 'clap-ws[openvino]')")
     group.add_argument("--cache-dir", help="where checkpoints live (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     group.add_argument("--tokenizer", metavar="DIR",
                        help="roberta-base tokenizer folder (default $CLAP_TOKENIZER_DIR, the cache, the HF cache)")

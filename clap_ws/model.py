@@ -43,8 +43,9 @@ Decisions made here, once, at construction:
   Inductor's on-disk cache);
 * engine - ``torch``, or ``openvino``: the audio encoder after its
   spectrogram front end compiled by OpenVINO (:mod:`clap_ws.openvino_audio`;
-  CPU, non-fusion; 0.68-0.92x torch's time per window, most gain in fp32 and
-  at one window per call; about 10 s more at start). Text stays in torch.
+  CPU, non-fusion; in a 2-core server, model time 0.82x torch's in fp32 and
+  0.88-0.97x in bf16, for about 15 s more at start and 1.1 GB more memory).
+  Text stays in torch.
 
 The network is never called from two threads at once: the batcher's single
 worker owns it (see :mod:`clap_ws.batching`). Build it with

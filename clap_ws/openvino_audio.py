@@ -3,10 +3,13 @@
 Why it exists: OpenVINO's CPU plugin runs HTSAT's transformer in less time
 than torch's eager kernels. ``benchmarks/engines.py`` (each engine in a
 process of its own, taking turns, 2 Zen 4 cores) measured per window, at 1
-window per call, 0.85x torch's time in bf16 and 0.68x in fp32 (what CPUs
+window per call, 0.83x torch's time in bf16 and 0.73x in fp32 (what CPUs
 without native bf16, most laptops among them, run); at 4 windows per call
-0.91x and 0.89x. Inside one process, beside torch (which keeps the front end
-and the text encoder), the bf16 gain at 1 window was 0.87-0.92x.
+0.91x and 0.89x. In a server, beside torch (which keeps the front end, the
+text encoder and the event loop's cores), less: model time per 2-s sound
+0.88-0.97x in bf16 and 0.82x in fp32 (``benchmarks/ab.py``, two servers side
+by side). It costs memory: each compiled call shape keeps its own weights and
+buffers (+412, +193, +311 MB for 1, 2, 4 windows), so it is opt-in.
 
 How it is shaped:
 
@@ -14,9 +17,10 @@ How it is shaped:
   which neither ``torch.onnx`` nor OpenVINO converts, and it is about 3 ms of
   a window. Everything after it (:class:`~clap_ws.towers.AudioBody`: ``bn0``,
   the time-frequency image, the Swin transformer with clap-ws's inference
-  forwards, the projection) is exported once with ``torch.onnx`` (about 10 s
+  forwards, the projection) is exported once with ``torch.onnx`` (10-20 s
   at start) and compiled by OpenVINO once per call shape (1, 2, 4 ...
-  windows, up to the model's chunk; 0.5 s each).
+  windows, up to the model's chunk; 0.5 s each). Static shapes: one model
+  with a dynamic window count took 10-20 % longer per window.
 * ``torch.onnx`` rather than OpenVINO's own converter (``ov.convert_model``),
   because that one sends usage telemetry unless a consent file says no, and
   clap-ws does not touch the network unless asked.

@@ -24,9 +24,10 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
 
 def test_ab_runs_two_checkouts_side_by_side():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), str(ROOT), "--requests", "2",
-                             "--seconds", "0.5", "--", "--max-batch", "4"], capture_output=True, text=True, timeout=600)
+                             "--seconds", "0.5", "--new-options=--chunk 2", "--", "--max-batch", "4"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "server options --max-batch 4 --untrained" in result.stdout
+    assert "server options --max-batch 4 --untrained, new side also --chunk 2" in result.stdout
     cells = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")]
     rows = {label.strip(): [float(x) for x in values] for label, *values in cells if label.strip()}
     assert set(rows) == {"model p50 ms", "end to end p50 ms", "peak RSS MB"}, result.stdout
