@@ -39,7 +39,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,40 +51,24 @@ BASELINE = ENGINES[0]
 
 
 # ---- workers (each in its own process) ---------------------------------------------------
-def _on_model_thread(fn):
-    """Run ``fn`` on a thread that builds and runs the model, as the server does (one OpenMP pool)."""
-    box = {}
-    thread = threading.Thread(target=lambda: box.update(value=fn()))
-    thread.start()
-    thread.join()
-    if "value" not in box:
-        raise SystemExit(1)  # the thread printed its traceback
-    return box["value"]
-
-
 def export(folder: Path, windows: int) -> dict:
     """Write the log-mel input and the fp32 network as ONNX into ``folder``."""
     import torch
 
     from clap_ws.model import WINDOW_SAMPLES, ClapModel
+    from clap_ws.openvino_audio import export_onnx
     from clap_ws.towers import AudioBody, log_mel, unpack_linears
 
-    def work():
-        model = ClapModel.untrained(precision="fp32")
-        unpack_linears(model.net)  # packed linears are oneDNN calls that ONNX has no name for
-        t = np.arange(WINDOW_SAMPLES) / 48000
-        chirps = [0.4 * np.sin(2 * np.pi * ((100 + 50 * i) * t + 300 * t * t)) for i in range(windows)]
-        wave = torch.from_numpy(np.stack(chirps).astype(np.float32))
-        with torch.inference_mode():
-            mel = log_mel(model.net.audio_branch, wave).float()
-        np.save(folder / "mel.npy", mel.numpy())
-        started = time.perf_counter()
-        torch.onnx.export(AudioBody(model.net), (mel.clone(),), str(folder / "audio.onnx"), dynamo=True,
-                          external_data=False, verbose=False,
-                          dynamic_shapes=({0: torch.export.Dim("windows", min=1, max=64)},))
-        return {"export_s": time.perf_counter() - started}
-
-    return _on_model_thread(work)
+    model = ClapModel.untrained(precision="fp32")  # this process builds and runs it: one OpenMP pool
+    unpack_linears(model.net)  # packed linears are oneDNN calls that ONNX has no name for
+    t = np.arange(WINDOW_SAMPLES) / 48000
+    chirps = [0.4 * np.sin(2 * np.pi * ((100 + 50 * i) * t + 300 * t * t)) for i in range(windows)]
+    with torch.inference_mode():
+        mel = log_mel(model.net.audio_branch, torch.from_numpy(np.stack(chirps).astype(np.float32))).float()
+    np.save(folder / "mel.npy", mel.numpy())
+    started = time.perf_counter()
+    export_onnx(AudioBody(model.net), mel.clone(), folder / "audio.onnx")
+    return {"export_s": time.perf_counter() - started}
 
 
 def run_engine(engine: str, folder: Path, iterations: int) -> dict:
@@ -102,7 +85,7 @@ def run_engine(engine: str, folder: Path, iterations: int) -> dict:
         request = compiled.create_infer_request()
         precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16
         label = engine if engine.endswith("fp32") else f"{engine} ({precision})"
-        return _time(label, lambda: request.infer({0: mel})[0].copy(), folder, iterations)
+        return _time(engine, label, lambda: request.infer({0: mel})[0].copy(), folder, iterations)
     if engine.startswith("onnxruntime"):
         import onnxruntime as ort
         import torch
@@ -114,29 +97,30 @@ def run_engine(engine: str, folder: Path, iterations: int) -> dict:
         session = ort.InferenceSession(str(folder / "audio.onnx"), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         call = lambda: session.run(None, {name: mel})[0]  # noqa: E731
-        return _time(engine, call, folder, iterations)
+        return _time(engine, engine, call, folder, iterations)
+    import torch
 
-    def work():
-        import torch
+    from clap_ws.model import ClapModel
+    from clap_ws.towers import AudioBody
 
-        from clap_ws.model import ClapModel
-        from clap_ws.towers import AudioBody
+    model = ClapModel.untrained(precision=engine.split()[1])
+    body = AudioBody(model.net)
+    x = torch.from_numpy(mel).to(model.net.audio_branch.bn0.weight.dtype)
 
-        model = ClapModel.untrained(precision=engine.split()[1])
-        body = AudioBody(model.net)
-        x = torch.from_numpy(mel).to(model.net.audio_branch.bn0.weight.dtype)
+    def call():
+        with torch.inference_mode():
+            return body(x).float().numpy()
 
-        def call():
-            with torch.inference_mode():
-                return body(x).float().numpy()
-
-        label = engine if engine.endswith(model.precision) else f"{engine} ({model.precision})"
-        return _time(label, call, folder, iterations)
-
-    return _on_model_thread(work)
+    label = engine if engine.endswith(model.precision) else f"{engine} ({model.precision})"
+    return _time(engine, label, call, folder, iterations)
 
 
-def _time(label: str, call, folder: Path, iterations: int) -> dict:
+def _saved(folder: Path, engine: str) -> Path:
+    """Where a worker leaves ``engine``'s embeddings."""
+    return folder / f"{engine.replace(' ', '_')}.npy"
+
+
+def _time(engine: str, label: str, call, folder: Path, iterations: int) -> dict:
     out = call()  # first-call setup is not timed
     call()
     times = []
@@ -144,7 +128,7 @@ def _time(label: str, call, folder: Path, iterations: int) -> dict:
         started = time.perf_counter()
         call()
         times.append((time.perf_counter() - started) * 1000)
-    np.save(folder / f"{label.split(' (')[0].replace(' ', '_')}.npy", np.asarray(out, dtype=np.float32))
+    np.save(_saved(folder, engine), np.asarray(out, dtype=np.float32))
     return {"label": label, "ms": times}
 
 
@@ -164,7 +148,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def summarise(per_round: list[dict[str, dict]], folder: Path, windows: int) -> list[dict]:
-    reference = np.load(folder / f"{BASELINE.replace(' ', '_')}.npy")
+    reference = np.load(_saved(folder, BASELINE))
     rows = []
     for engine in ENGINES:
         per_window = [np.median(r[engine]["ms"]) / windows for r in per_round]
@@ -174,7 +158,7 @@ def summarise(per_round: list[dict[str, dict]], folder: Path, windows: int) -> l
             "ms_per_window_p50": float(np.median(np.concatenate([r[engine]["ms"] for r in per_round])) / windows),
             "rounds_ms": [round(float(x), 1) for x in per_window],
             "x_torch_fp32": float(np.median(np.array(per_window) / np.array(base))),
-            "cosine_to_torch_fp32": cosine(np.load(folder / f"{engine.replace(' ', '_')}.npy"), reference),
+            "cosine_to_torch_fp32": cosine(np.load(_saved(folder, engine)), reference),
         })
     return rows
 

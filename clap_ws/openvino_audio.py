@@ -83,10 +83,11 @@ class OpenVinoAudio:
         self._requests = {}
         with tempfile.TemporaryDirectory(prefix="clap-ws-openvino-") as folder:
             path = Path(folder) / "audio.onnx"
-            _export(AudioBody(net), torch.zeros(2, 1, frames, bins), path)
+            export_onnx(AudioBody(net), torch.zeros(2, 1, frames, bins), path)
+            exported = core.read_model(str(path))
             size = 1
             while size <= chunk:
-                model = core.read_model(str(path))
+                model = exported.clone()
                 model.reshape([size, 1, frames, bins])  # static shapes compile to faster code
                 self._requests[size] = core.compile_model(model, "CPU", config).create_infer_request()
                 size *= 2
@@ -103,8 +104,8 @@ class OpenVinoAudio:
         return request.infer({0: mel.float().contiguous().numpy()})[0].copy()  # the output buffer is reused
 
 
-def _export(body: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``torch.onnx.export`` with a dynamic window count, quietly (it prints its progress and warns on laion-clap's asserts)."""
+def export_onnx(body: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``body`` (fp32) as an ONNX file with a dynamic window count, quietly: ``torch.onnx`` prints its progress and warns."""
     if any(p.dtype != torch.float32 for p in body.parameters()):
         raise ModelError("--engine openvino exports the audio encoder in fp32, but this network is already cast")
     windows = torch.export.Dim("windows", min=1, max=1024)

@@ -147,28 +147,32 @@ class AudioTower(torch.nn.Module):
     """Waveforms to raw audio embeddings: laion-clap's audio branch and projection as one module.
 
     It is the unit that ``torch.compile`` sees; eager models call it too, so
-    both paths run the same code.
+    both paths run the same code. Non-fusion models run :func:`log_mel` and
+    then :class:`AudioBody`, which is what HTSAT's own forward does for them
+    in eval mode; fusion models run that forward, with their fusion input.
     """
 
     def __init__(self, net: torch.nn.Module, fusion: bool):
         super().__init__()
         self.branch, self.projection, self.fusion = net.audio_branch, net.audio_projection, fusion
+        self.body = None if fusion else AudioBody(net)
         self.audio_cfg = net.audio_cfg
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if not self.fusion:
+            return self.body(log_mel(self.branch, waveform))
         batch = {"waveform": waveform,
-                 "longer": torch.zeros(waveform.shape[0], dtype=torch.bool, device=waveform.device)}
-        if self.fusion:
-            dtype = self.projection[0].weight.dtype
-            batch["mel_fusion"] = fusion_mel(waveform, self.audio_cfg).to(dtype)
+                 "longer": torch.zeros(waveform.shape[0], dtype=torch.bool, device=waveform.device),
+                 "mel_fusion": fusion_mel(waveform, self.audio_cfg).to(self.projection[0].weight.dtype)}
         return self.projection(self.branch(batch, mixup_lambda=None, device=waveform.device)["embedding"])
 
 
 class AudioBody(torch.nn.Module):
     """A non-fusion audio tower after its spectrogram front end: log-mel (B, 1, T, mel bins) -> raw embedding.
 
-    ``AudioTower`` computes ``AudioBody(log_mel(branch, waveform))`` for
-    non-fusion models. This is the part other engines can take
+    HTSAT's forward in eval mode, after :func:`log_mel`: ``bn0`` over the mel
+    bins, the time-frequency image, the transformer, then the projection.
+    This is the part other engines can take
     (:mod:`clap_ws.openvino_audio`, ``benchmarks/engines.py``): the front
     end's FFT returns complex tensors, which neither ``torch.onnx`` nor
     OpenVINO converts, and costs about 3 ms of a window.
