@@ -135,8 +135,8 @@ class ClapServer:
         self._flusher = asyncio.create_task(self._flush_archives())
         model = self.model.describe()
         _log.info("clap-ws %s listening on ws://%s:%d/clap", __version__, self.config.host, self.port)
-        _log.info("model: %s | %s | device %s | precision %s | text %s", model["model"],
-                  model["architecture"], model["device"], model["precision"], model["tokenizer"])
+        _log.info("model: %s | %s | device %s | precision %s | engine %s | text %s", model["model"],
+                  model["architecture"], model["device"], model["precision"], model["engine"], model["tokenizer"])
         if self.model.identity.untrained:
             _log.warning('model: "untrained" - RANDOM WEIGHTS (seed %s): embeddings are meaningless; '
                          "for tests and latency work only", self.model.identity.seed)

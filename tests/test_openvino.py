@@ -1,6 +1,7 @@
 """``--engine openvino``: the audio encoder compiled by OpenVINO gives torch's embeddings, in the model and in a real server."""
 
 import asyncio
+import importlib.util
 import json
 import sys
 
@@ -59,6 +60,7 @@ def test_openvino_engine_in_its_default_precision_through_a_real_server(tmp_path
     finally:
         server.kill()
     assert info["engine"].startswith("openvino ") and info["chunk"] == 1 and info["untrained"] is True
+    assert "| precision " + info["precision"] + " | engine " + info["engine"] + " |" in server.log()
     for reply, want in zip(replies, expected):
         assert reply["status"] == "OK" and reply["model"] == "untrained"
         assert cosine(reply["embedding"], want["embedding"]) >= 0.999  # bf16 where the CPU has it, else fp32
@@ -79,3 +81,10 @@ def test_openvino_engine_refuses_what_it_cannot_run(model):
         build(device=torch.device("meta"))
     with pytest.raises(ModelError, match="non-fusion checkpoints only"):
         ClapModel.untrained(Architecture("HTSAT-tiny", "aff_2d"), engine="openvino")
+
+
+def test_openvino_engine_without_its_packages_says_how_to_install_them(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    with pytest.raises(ModelError, match=r"needs openvino: pip install 'clap-ws\[openvino\]'"):
+        ClapModel.untrained(engine="openvino")
