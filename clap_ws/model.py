@@ -18,6 +18,8 @@ Decisions made here, once, at construction:
   fp32, which is where bf16 loses accuracy. On a CPU the other weights are
   cast to bf16 once; on a GPU the network runs under autocast (which re-casts
   weights on every call: measured 10% slower than cast-once on the CPU).
+  ``autocast=True`` takes the GPU's way on a CPU: that is how the tests run
+  that code (fp16 too) where no GPU is lent.
   On a CPU the matmul weights are also laid out once for oneDNN
   (:func:`clap_ws.towers.pack_linears`), both towers' (bf16: a 3-word
   prompt 26 -> 16 ms, and with the Swin forwards of :mod:`clap_ws.swin` a
@@ -157,6 +159,7 @@ class ClapModel:
     chunk: int = 0  # windows per network call; 0: 4 on a CPU, 32 elsewhere
     compile: bool = False
     engine: str = "torch"  # or "openvino": the audio encoder compiled by OpenVINO (CPU)
+    autocast: bool | None = None  # reduced precision under autocast; None: on GPUs (a CPU casts weights once)
     _autocast: object = field(init=False, repr=False)
     _openvino: OpenVinoAudio | None = field(init=False, repr=False, default=None)
     _audio: object = field(init=False, repr=False)
@@ -166,6 +169,8 @@ class ClapModel:
         self._check_engine()  # before anything touches the network
         self.net.eval()
         self.chunk = self.chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
+        if self.autocast is None:
+            self.autocast = self.device.type != "cpu"
         if self.chunk < 1:
             raise ModelError(f"chunk must be at least 1 window, not {self.chunk}")
         self._logit_scale = float(self.net.logit_scale_a.detach().float().exp())
@@ -182,14 +187,14 @@ class ClapModel:
             self._openvino = OpenVinoAudio(self.net, tuple(mel.shape[2:]), self.precision, self.chunk,
                                            torch.get_num_threads())
         dtype = _DTYPES[self.precision]
-        if self.precision != "fp32" and self.device.type == "cpu":
+        if self.precision != "fp32" and not self.autocast:
             cast_weights(self.net, dtype)
         elif self.precision != "fp32":
             self._autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype)
             for name in ("spectrogram_extractor", "logmel_extractor"):
                 if hasattr(branch, name):
                     fp32_forward(getattr(branch, name))
-        if not self.compile and can_pack_linears(self.device, dtype):
+        if not self.compile and not self.autocast and can_pack_linears(self.device, dtype):
             audio = () if self._openvino else (self.net.audio_branch, self.net.audio_projection)
             for part in (self.net.text_branch, self.net.text_projection, *audio):
                 pack_linears(part)
@@ -199,8 +204,9 @@ class ClapModel:
             if self.architecture.fusion:
                 raise ModelError("compile supports non-fusion checkpoints only (the fusion branch "
                                  "takes data-dependent paths); run fusion models without it")
-            self._audio = torch.compile(self._audio, dynamic=False)
-            self._text = torch.compile(self._text, dynamic=True)  # token counts vary
+            # fullgraph: a graph break is an error, not a silent split into smaller graphs
+            self._audio = torch.compile(self._audio, dynamic=False, fullgraph=True)
+            self._text = torch.compile(self._text, dynamic=True, fullgraph=True)  # token counts vary
 
     def _check_engine(self) -> None:
         if self.engine not in ENGINES:
@@ -329,7 +335,9 @@ class ClapModel:
             return
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True), warnings.catch_warnings():
+            # the spectrogram's FFT is complex, which Inductor leaves to eager code, as intended
+            warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
             size = 1
             while size <= self.chunk:
                 started = time.perf_counter()

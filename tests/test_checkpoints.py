@@ -167,6 +167,28 @@ def test_bf16_stays_close_to_fp32(model, fp32_model):
     assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_gpus_autocast_path_stays_close_to_fp32_on_a_cpu(fp32_model, precision):
+    """A GPU's way to reduced precision (autocast, fp32 weights, an fp32 front end) run by the CPU, which autocasts too.
+
+    The closest this machine gets to the CUDA path: without the fp32 front
+    end, fp16 turns a 2-s sine's power spectrum into inf and its embedding
+    into NaN (checked by hand). ``--precision fp16`` is refused on a CPU for
+    users (slow, pointless); the constructor takes a resolved precision.
+    """
+    fresh = ClapModel.untrained(Architecture("HTSAT-tiny"), seed=0, precision="fp32")  # its own network, to mutate
+    mixed = ClapModel(fresh.net, fresh.architecture, fresh.identity, fresh.device, precision, fresh.tokenizer,
+                      autocast=True)
+    assert mixed.autocast and not fp32_model.autocast  # a CPU's default: cast once
+    assert {p.dtype for p in mixed.net.parameters()} == {torch.float32}  # not cast: autocast casts per call
+    assert not any("forward" in vars(m) for m in mixed.net.modules() if type(m) is torch.nn.Linear)  # not packed
+    assert_embeddings_close(mixed, fp32_model)
+    loud = tone(seconds=2, amp=1.0)
+    a, b = (CLAPExtractor(model=m).extract_embedding(loud) for m in (mixed, fp32_model))
+    assert np.isfinite(a).all() and cosine(a, b) >= 0.999
+    assert np.abs(a - b).max() > 1e-5  # it ran in reduced precision: fp32 against fp32 differs by about 1e-7
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_cuda_stays_close_to_fp32_on_the_cpu(fp32_model, precision):
