@@ -327,9 +327,13 @@ def test_many_texts_go_through_in_chunks_with_the_same_result(model, monkeypatch
 
 def test_compiled_model_matches_eager(model):
     """--compile: both towers compiled (one audio chunk shape here; ~2 min on 2 cores) match eager."""
-    compiled = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision,
-                         model.tokenizer, chunk=1, compile=True)
-    assert not any(packed(model.net.text_branch))  # Inductor packs weights itself; it must not trace ours
+    # on a network of its own: compiling unpacks the linears, and later tests' servers share ``model``'s network
+    before = packed(model.net)
+    fresh = ClapModel.untrained(model.architecture, seed=0, precision=model.precision)
+    compiled = ClapModel(fresh.net, fresh.architecture, fresh.identity, fresh.device, fresh.precision,
+                         fresh.tokenizer, chunk=1, compile=True)
+    assert not any(packed(fresh.net))  # Inductor packs weights itself; it must not trace ours
+    assert packed(model.net) == before
     compiled.warm_up()
     assert compiled.describe()["compiled"] is True and model.describe()["compiled"] is False
     clips = [tone(seconds=2), chirp(seconds=10), noise(seconds=15, seed=4)]
