@@ -21,6 +21,7 @@ from dataclasses import fields, replace
 from . import __version__
 from .errors import ModelError
 from .index import HNSW_THRESHOLD
+from .model import ENGINES, PRECISIONS
 from .weights import DEFAULT_CHECKPOINT, KNOWN_CHECKPOINTS, cache_dir, download, load_model
 
 _SERVER_HELP = {
@@ -57,14 +58,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--audio-model", default="HTSAT-tiny", choices=["HTSAT-tiny", "HTSAT-base", "HTSAT-large"],
                        help="architecture of --untrained (checkpoints are detected)")
     group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default $CLAP_DEVICE, else auto)")
-    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     group.add_argument("--chunk", type=int, default=0, metavar="N",
                        help="windows per network call (default auto: 4 on a CPU, 32 on a GPU)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the audio and text towers at warm-up (2-core CPU: audio ~25%% less "
                             "time, text about the same; about 2.5 minutes of compiling at start)")
-    group.add_argument("--engine", default="torch", choices=["torch", "openvino"],
+    group.add_argument("--engine", default="torch", choices=ENGINES,
                        help="what runs the audio encoder: torch (default), or openvino: compiled by OpenVINO "
                             "after the spectrogram (CPU, non-fusion; in a 2-core server: model time 0.82x in fp32, "
                             "0.88-0.97x in bf16; about 15 s more at start and 1.1 GB more memory; "

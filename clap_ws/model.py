@@ -169,10 +169,10 @@ class ClapModel:
         self._check_engine()  # before anything touches the network
         self.net.eval()
         self.chunk = self.chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
-        if self.autocast is None:
-            self.autocast = self.device.type != "cpu"
         if self.chunk < 1:
             raise ModelError(f"chunk must be at least 1 window, not {self.chunk}")
+        if self.autocast is None:
+            self.autocast = self.device.type != "cpu"
         self._logit_scale = float(self.net.logit_scale_a.detach().float().exp())
         branch = self.net.audio_branch
         if hasattr(branch, "spectrogram_extractor"):
