@@ -34,7 +34,6 @@ import base64
 import importlib.util
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import websockets
+from clap_ws.cpu import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_MS = 100.0
@@ -340,13 +340,8 @@ def plot(outcomes: list[Outcome], path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+    """The CPU, its cores and its instruction set: every figure depends on them (see clap_ws.cpu)."""
+    return describe()
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,9 @@ was before its int8 pre-scans). ``flat`` must reach recall 1.000: it is exact.
 ``--data random`` uses uniformly random unit vectors and queries instead: the
 worst case for exact search, where no item stands out and no dimension can be
 skipped. For ``flat`` it also reports which share of queries the leading-
-dimension first pass answered (see ``clap_ws.scan``). Torch runs serially, as on the server's index thread (see
+dimension first pass answered (see ``clap_ws.scan``) and which pre-scan kernel ran
+(``int8``, or ``int8-7bit`` on CPUs without VNNI). Every report names the CPU's
+instruction set: run it as an AVX2 CPU with ``ONEDNN_MAX_CPU_ISA=AVX2``. Torch runs serially, as on the server's index thread (see
 ``clap_ws.scan.single_threaded``); numpy's BLAS keeps its threads.
 Uses clap-ws's own VectorIndex, as the server does.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clap_ws.cpu import instruction_set
 from clap_ws.index import VectorIndex
 from clap_ws.scan import ExactScan, single_threaded
 from clap_ws.similarity import unit
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
             answered = index.scan.answered if kind == "flat" else {}
             rows.append({"items": n, "data": args.data, "index": kind, "build_s": build_s,
                          "p50_ms": float(np.median(times)), "p99_ms": float(np.percentile(times, 99)), "ids": ids,
-                         "first_pass": answered.get("lead", 0) / len(queries) if kind == "flat" else None})
+                         "first_pass": answered.get("lead", 0) / len(queries) if kind == "flat" else None,
+                         "prescan": index.scan.prescan if kind == "flat" else None})
             print(f"{n:>9} {kind:8s} build {build_s:7.1f} s  top-10 p50 {rows[-1]['p50_ms']:.3f} ms  "
                   f"p99 {rows[-1]['p99_ms']:.3f} ms", flush=True)
             del index
@@ -97,12 +101,14 @@ def main(argv=None) -> int:
         del vectors
     for r in rows:
         r.pop("ids")
-    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"machine": machine(), "cpu": instruction_set(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "queries": args.queries}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    lines = ["| items | data | index | build s | top-10 p50 ms | p99 ms | recall@10 | first pass answered |",
+    lines = [f"{meta['machine']} ({meta['date']}); exact pre-scan kernel: "
+             f"{next((r['prescan'] for r in rows if r['prescan']), 'not run')}", "",
+             "| items | data | index | build s | top-10 p50 ms | p99 ms | recall@10 | first pass answered |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['items']:,} | {r['data']} | {r['index']} | {r['build_s']:.1f} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['recall_at_10']:.3f} | "

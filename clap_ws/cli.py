@@ -158,13 +158,16 @@ def check_exposure(config, insecure: bool) -> None:
 def _library(args: argparse.Namespace) -> int:
     import json
 
+    from .cpu import instruction_set
     from .library import Library, build
 
     if args.library_command == "info":
         lib = Library.load(args.lib)
+        lib.index.scan.pack()
         tags = sorted({t for item in lib.items for t in item.get("tags", [])})
         print(json.dumps({"name": lib.name, "count": len(lib), "index": lib.index.kind, "model": lib.model,
-                          "root": lib.root, "tags": tags}, indent=1))
+                          "root": lib.root, "tags": tags, "prescan": lib.index.scan.prescan,
+                          "cpu": instruction_set()}, indent=1))
         return 0
     model = model_from_args(args)
     report = build(model, args.folder, args.out, batch=args.batch, index=args.index,

@@ -71,7 +71,6 @@ import contextlib
 import functools
 import logging
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -81,6 +80,7 @@ import numpy as np
 import torch
 
 from . import laion
+from .cpu import has_native_bf16
 from .checkpoint import Architecture, Identity, detect_architecture, read_checkpoint, sha256_of
 from .errors import ModelError, TextUnavailable
 from .openvino_audio import OpenVinoAudio
@@ -120,24 +120,13 @@ def resolve_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX (Linux flags)."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     if requested not in PRECISIONS:
         raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if requested == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if device.type == "cpu" and has_native_bf16():
             return "bf16"
         return "fp32"
     if requested == "fp16" and device.type == "cpu":

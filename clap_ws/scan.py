@@ -1,15 +1,22 @@
 """Exact top-k by inner product: int8 pre-scans bound every score, float32 decides.
 
-Scanning float32 vectors is bound by memory: 100k x 512 floats are 205 MB,
-about 10 ms per query on this project's 2-core machine. Stored as int8 with
-one scale per vector they are 51 MB, which oneDNN's int8 matmul (VNNI on x86)
-reads in 2.5-3.5 ms on two threads, 4-6 ms on one. Rounding moves a score by
-at most ``|q| * max|x - x'| + |q - q'| * max|x'|`` (x', q' the rounded vector
-and query; both maxima are kept as blocks are packed), so only items whose
-int8 score comes within that bound of the k-th best can be in the top k.
-Those candidates, tens to a few hundred for unit vectors, are rescored from
-the float32 vectors: the result is what a float32 scan returns, not an
-approximation (checked against brute force by a hypothesis test).
+Scanning float32 vectors is bound by memory. Stored as int8 with one scale
+per vector they take a quarter of the bytes, read by oneDNN's int8 matmul.
+Rounding moves a score by at most ``|q| * max|x - x'| + |q - q'| * max|x'|``
+(x', q' the rounded vector and query; both maxima are kept as blocks are
+packed), so only items whose int8 score comes within that bound of the k-th
+best can be in the top k. Those candidates are rescored from the float32
+vectors: the result is what a float32 scan returns, not an approximation
+(checked against brute force by a hypothesis test).
+
+The bound holds only if the kernel computes the integer dot products
+exactly. x86 CPUs without VNNI multiply u8 x s8 pairs and add each pair in 16
+bits with saturation, which overflows for full-range query codes exactly when
+query and rows point the same way. So the kernel is checked, not assumed
+(:func:`choose_kernel`): when the first block is packed it runs on input built
+to overflow, with 8-bit query codes and then 7-bit ones (``127 * 127 * 2`` fits
+in 16 bits), and the first whose every score lies within the bound is used;
+if none does, the scan stays float32. :attr:`ExactScan.prescan` says which.
 
 Embeddings of real sounds do not fill 512 dimensions evenly, so a first pass
 reads less: the rows' ``LEAD`` leading principal directions (from the first
@@ -20,42 +27,42 @@ Cauchy-Schwarz, ``|q_rest . x_rest| <= |q_rest| |x_rest|``, with each row's
 score of the k items that pass ranks first; everything whose upper bound
 reaches it is rescored. If that is more than 1/``LEAD_SHARE`` of the items
 (data that fills all dimensions, or a query far from the rows' subspace), the
-query goes on to the full int8 pre-scan instead. At 100k items the first
-pass's matmul takes 0.3-0.4 ms and a query it answers 1.1-1.3 ms in all,
-against 4.9-7.4 ms through the full pass. Where the first block's rows
+query goes on to the full int8 pre-scan instead. Where the first block's rows
 keep a median ``|x_rest|`` over ``LEAD_RESIDUAL``, the first pass is never
-built. Trying costs a query the first pass cannot answer about 1.5 ms at 100k
-items, so while the first pass answers under a quarter of the queries that
-try it (a library of sounds searched by text, say, if text embeddings lie off
-the sounds' directions), only 1 query in ``LEAD_PROBE`` tries it, and the
-others go straight to the full pass. :attr:`ExactScan.answered` counts which
-pass answered each query, :attr:`ExactScan.lead_misses` the tries that failed.
+built. While the first pass answers under a quarter of the queries that try
+it, only 1 query in ``LEAD_PROBE`` tries it, so a workload it cannot answer
+pays little for it. :attr:`ExactScan.answered` counts which pass answered each
+query, :attr:`ExactScan.lead_misses` the tries that failed.
 
 Rows are packed in blocks once ``BLOCK`` of them are waiting, by the first
 search after that (:meth:`ExactScan.pack`): a library loaded at once is one
-block, an archive that grows one item at a time pays one packing of about
-30 ms per ``BLOCK`` additions, never a repack of everything. Rows not yet in a
-block are scanned in float32. Below ``BLOCK`` items, or where oneDNN's int8
-matmul is missing (non-x86 builds of torch), every search is the float32 scan.
-Vectors live in one growable buffer, so adding is amortised O(1) rather than
-a copy of the whole archive.
+block, an archive that grows one item at a time pays one packing per
+``BLOCK`` additions, never a repack of everything. Rows not yet in a block are
+scanned in float32. Below ``BLOCK`` items, or where oneDNN's int8 matmul is
+missing (non-x86 builds of torch), every search is the float32 scan. Vectors
+live in one growable buffer, so adding is amortised O(1).
 
 Torch work here must not start an OpenMP team beside the model's: the server
 calls :func:`single_threaded` on its index thread, and packing waits for the
-first search so that it happens there too. The rescoring is in torch as well:
-numpy's BLAS threads and torch's OpenMP threads wait for work by spinning and
-slowed each other down (10.6 against 5.7 ms per query when mixed).
+first search so that it happens there too. The rescoring is in torch as well,
+since numpy's BLAS threads and torch's OpenMP threads spin-wait against each
+other. Figures: ``docs/search.md``.
 
 Not thread-safe; callers serialise access.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
+
+from .similarity import unit
+
+logger = logging.getLogger(__name__)
 
 DIM = 512
 BLOCK = 8192  # rows per int8 block: 4 MB, packed in about 30 ms
@@ -87,13 +94,22 @@ def int8_matmul_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+# The largest query code. A query is sent as two rows of unsigned codes, its positive and its negative part, with
+# no zero point: the kernel adds u8 x s8 pairs, and where it adds them in int16 with saturation (x86 without
+# VNNI), codes up to 255 overflow (255 * 127 * 2 > 2**15 - 1) and codes up to 127 cannot (127 * 127 * 2 < 2**15).
+QUERY_LEVELS = {"int8": 255, "int8-7bit": 127}
+KERNELS = ("int8", "int8-7bit", "float32")  # what answers the pre-scans, most precise first
+
+
 class _Int8Rows:
     """Rows as int8 blocks laid out for oneDNN, one scale per row, and the two maxima that bound their rounding.
 
+    ``levels`` is the largest query code (:data:`QUERY_LEVELS`).
     ``append`` raises RuntimeError on a torch build without int8 kernels for this CPU.
     """
 
-    def __init__(self):
+    def __init__(self, levels: int = QUERY_LEVELS["int8"]):
+        self.levels = levels
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.error = 0.0  # max |x - x'|
         self.norm = 0.0  # max |x'|
@@ -110,32 +126,75 @@ class _Int8Rows:
 
     def scores(self, queries: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """``queries @ rows.T`` from the int8 codes, and per query how far any of those scores can be off."""
-        step = float(np.abs(queries).max()) / 127 or 1.0
+        step = float(np.abs(queries).max()) / self.levels or 1.0
         codes = np.rint(queries / step)
         bound = (np.linalg.norm(queries, axis=1) * self.error
                  + np.linalg.norm(queries - codes * step, axis=1) * self.norm + SLACK)
-        u8 = torch.from_numpy((codes + 128).astype(np.uint8))
-        approx = torch.cat([torch.ops.onednn.qlinear_pointwise(
-            u8, step, 128, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        # positive and negative parts as unsigned rows: no zero point, whose compensation costs AVX2 kernels 70 %
+        halves = torch.from_numpy(np.concatenate([np.maximum(codes, 0), np.maximum(-codes, 0)]).astype(np.uint8))
+        parts = torch.cat([torch.ops.onednn.qlinear_pointwise(
+            halves, step, 0, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], "")
             for weight, scales, zero_points in self.blocks], dim=1)
-        return approx, bound
+        return parts[: len(queries)] - parts[len(queries) :], bound
+
+
+def choose_kernel() -> str:
+    """The most precise pre-scan kernel whose scores stay within the scan's bound on this CPU, checked, not assumed.
+
+    Runs oneDNN's int8 matmul on the input that overflows a 16-bit accumulator
+    (rows of the largest codes, queries aligned with them and against them,
+    rows scattered around a query) with 8-bit queries, then 7-bit ones, and
+    returns the first whose every score lies within its bound of the float32
+    score: ``"int8"``, ``"int8-7bit"``, or ``"float32"`` if neither does or the
+    build has no int8 kernels. Detecting VNNI from CPU flags would miss
+    ``ONEDNN_MAX_CPU_ISA`` and kernels yet to come; this costs about a millisecond.
+    """
+    if not int8_matmul_available():
+        return "float32"
+    rows, queries = _adversarial(np.random.default_rng(0))
+    exact = queries.astype(np.float64) @ rows.T.astype(np.float64)
+    for kernel in KERNELS[:-1]:
+        probe = _Int8Rows(QUERY_LEVELS[kernel])
+        try:
+            probe.append(rows)
+            scored = [probe.scores(query[None]) for query in queries]  # one by one: each uses its largest codes
+        except RuntimeError:  # no int8 kernel for this CPU
+            return "float32"
+        excess = max(float((np.abs(approx.numpy()[0] - truth) - bound[0]).max())
+                     for (approx, bound), truth in zip(scored, exact))
+        if excess <= 0:
+            return kernel
+        logger.info("exact search: oneDNN's int8 matmul with %s query codes exceeds its bound by %.3g on this CPU",
+                    "8-bit" if kernel == "int8" else "7-bit", excess)
+    return "float32"
+
+
+def _adversarial(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows and queries where 16-bit accumulation saturates: every code at its largest, signs aligned."""
+    signs = np.where(rng.random(DIM) < 0.5, -1.0, 1.0)
+    flat = np.stack([np.ones(DIM), signs, -signs, np.r_[signs[: DIM // 2], -signs[DIM // 2 :]]])
+    near = signs + 0.05 * np.sqrt(DIM) * rng.standard_normal((60, DIM))  # scattered around a query, as in a search
+    spread = rng.standard_normal((64, DIM))
+    rows = np.concatenate([flat, near, spread])
+    queries = np.stack([np.ones(DIM), signs, -signs, signs + 0.05 * np.sqrt(DIM) * rng.standard_normal(DIM)])
+    return unit(rows), unit(queries)
 
 
 class _Leading:
     """The rows' projections on ``LEAD`` principal directions, in int8, and each row's norm off them."""
 
-    def __init__(self, basis: np.ndarray):
+    def __init__(self, basis: np.ndarray, levels: int):
         self.basis = basis  # (LEAD, DIM), orthonormal rows
-        self.rows = _Int8Rows()
+        self.rows = _Int8Rows(levels)
         self.rest = np.zeros(0, np.float32)  # |x_rest| per packed row
 
     @classmethod
-    def fit(cls, rows: np.ndarray) -> _Leading | None:
+    def fit(cls, rows: np.ndarray, levels: int) -> _Leading | None:
         """The leading directions of ``rows`` (uncentred: inner products see the mean too), or None if they spread out."""
         sample = np.ascontiguousarray(rows[:: max(1, len(rows) // BLOCK)])  # a bulk load: about BLOCK of its rows
         second = torch.from_numpy(sample).double()
         _, directions = torch.linalg.eigh(second.T @ second)  # ascending
-        lead = cls(np.ascontiguousarray(directions[:, -LEAD:].flip(1).T.float().numpy()))
+        lead = cls(np.ascontiguousarray(directions[:, -LEAD:].flip(1).T.float().numpy()), levels)
         return lead if np.median(lead.split(sample)[1]) <= LEAD_RESIDUAL else None
 
     def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +218,7 @@ class ExactScan:
 
     def __init__(self, vectors: np.ndarray | None = None, quantize: bool = True, block: int = BLOCK):
         self.quantize = quantize and int8_matmul_available()
+        self.kernel: str | None = None  # chosen by choose_kernel() when the first block is packed
         self.block = block
         self.answered: Counter[str] = Counter()  # queries answered by "lead", "int8" or "float32"
         self._buffer = np.zeros((0, DIM), np.float32)
@@ -183,6 +243,14 @@ class ExactScan:
     def packed(self) -> int:
         """How many rows (from the first) the int8 pre-scans cover."""
         return self._packed
+
+    @property
+    def prescan(self) -> str:
+        """What answers searches of the packed rows: ``"int8"``, ``"int8-7bit"`` (see :func:`choose_kernel`),
+        ``"float32"``, or ``"unpacked"`` before a block's worth of rows has been packed."""
+        if not self.quantize:
+            return "float32"
+        return self.kernel if self._packed else "unpacked"
 
     @property
     def lead_dims(self) -> int:
@@ -210,14 +278,22 @@ class ExactScan:
             self._pack(self._packed, self._count)
 
     def _pack(self, start: int, stop: int) -> None:
+        if self.kernel is None:
+            self.kernel = choose_kernel()
+            logger.debug("exact search: %s pre-scan", self.kernel)
+        if self.kernel == "float32":  # no int8 kernel this CPU runs within the bound: stay exact in float32
+            self.quantize = False
+            return
         rows = self._buffer[start:stop]
+        if start == 0:
+            self._int8 = _Int8Rows(QUERY_LEVELS[self.kernel])
         try:
             self._int8.append(rows)
         except RuntimeError:  # a torch build without int8 kernels for this CPU: stay exact in float32
-            self.quantize, self._int8, self._lead = False, _Int8Rows(), None
+            self.quantize, self.kernel, self._int8, self._lead = False, "float32", _Int8Rows(), None
             return
         if start == 0:
-            self._lead = _Leading.fit(rows)
+            self._lead = _Leading.fit(rows, QUERY_LEVELS[self.kernel])
         if self._lead is not None:
             self._lead.append(rows)
         self._packed = stop

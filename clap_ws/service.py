@@ -40,7 +40,8 @@ from .model import ClapModel
 from .projection import Projection
 from .protocol import (ArchiveRequest, EmbedRequest, InfoRequest, SearchRequest, TextRequest, embedding_reply,
                        ok_reply)
-from .scan import single_threaded
+from .scan import choose_kernel, single_threaded
+from .cpu import instruction_set
 from .similarity import TextCache, cosine_matrix, softmax_probs, unit
 
 _log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class Service:
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
         # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index", initializer=single_threaded)
+        self.search_kernel = self._pool.submit(choose_kernel).result()
+        _log.info("exact search pre-scans: %s (checked against float32 on this CPU: %s)",
+                  self.search_kernel, instruction_set())
         for index in [lib.index for lib in libraries] + [self.archives.get(n).index for n in self.archives.names()]:
             self._pool.submit(index.scan.pack)
 
@@ -288,7 +292,10 @@ class Service:
             "dropped": self.batcher.dropped,
             "text_model_calls": self.text_model_calls,
             "text_cache": self.text_cache.describe(),
-            "libraries": [{"name": lib.name, "count": len(lib), "index": lib.index.kind, "root": lib.root}
+            "cpu": instruction_set(),
+            "search_kernel": self.search_kernel,
+            "libraries": [{"name": lib.name, "count": len(lib), "index": lib.index.kind, "root": lib.root,
+                           "prescan": lib.index.scan.prescan}
                           for lib in self.libraries.values()],
             "archives": len(self.archives.names()),
             "projection": None if self.projection is None else

@@ -50,6 +50,7 @@ def test_search_benchmark_reports_the_float32_baseline_and_an_exact_flat_index(t
     assert rows["flat"]["first_pass"] >= 0.9  # embedding-like data: answered from 64 leading dimensions
     assert rows["hnsw"]["recall_at_10"] >= 0.9 and all(r["p50_ms"] > 0 for r in rows.values())
     assert "| 9,000 | embeddings | flat |" in (tmp_path / "search.md").read_text()
+    assert rows["flat"]["prescan"] in ("int8", "int8-7bit") and "cores, AVX" in (tmp_path / "search.md").read_text()
     rows = run_search_benchmark(tmp_path, "--data", "random", "--indexes", "flat")
     assert set(rows) == {"f32 scan", "flat"} and rows["flat"]["data"] == "random"
     assert rows["flat"]["recall_at_10"] == 1.0 and rows["flat"]["first_pass"] == 0  # no subspace to exploit

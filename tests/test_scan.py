@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,9 +17,11 @@ from hypothesis import strategies as st
 from clap_ws.archive import Archives
 from clap_ws.index import VectorIndex
 from clap_ws.library import Library, model_identity
-from clap_ws.scan import ExactScan, int8_matmul_available
+from clap_ws import cpu
+from clap_ws.scan import ExactScan, choose_kernel, int8_matmul_available
 from clap_ws.service import Service
 from clap_ws.similarity import unit
+from conftest import ROOT
 
 
 def vectors_like(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -47,17 +56,86 @@ def assert_exact(scan: ExactScan, vectors: np.ndarray, queries: np.ndarray, k: i
 
 def test_int8_matmul_is_available_here():
     assert int8_matmul_available()  # otherwise the tests below only cover the float32 scan
+    assert choose_kernel() in ("int8", "int8-7bit")
+
+
+def test_rows_aligned_with_the_query_stay_within_the_bound():
+    """The issue's measurement: 4,096 unit rows drawn around a query, scored by the kernel this CPU was given."""
+    rng = np.random.default_rng(0)
+    query = unit(rng.standard_normal((1, 512)))
+    rows = unit(query + 0.05 * rng.standard_normal((4096, 512)))
+    scan = ExactScan(rows, block=4096)
+    scan.pack()
+    assert scan.prescan == choose_kernel()
+    approx, bound = scan._int8.scores(query)
+    assert np.all(np.abs(approx.numpy() - rows @ query[0]) <= bound[:, None])
+    assert_exact(scan, rows, query, 10)
+
+
+ISA_SCRIPT = """
+import json, numpy as np
+from clap_ws import cpu
+from clap_ws.model import resolve_precision
+from clap_ws.scan import QUERY_LEVELS, _Int8Rows, _adversarial, choose_kernel
+import torch
+rows, queries = _adversarial(np.random.default_rng(0))
+errors = {}
+for kernel, levels in QUERY_LEVELS.items():
+    probe = _Int8Rows(levels)
+    probe.append(rows)
+    for query in queries:
+        approx, bound = probe.scores(query[None])
+        excess = float((np.abs(approx.numpy()[0] - rows @ query) - bound[0]).max())
+        errors[kernel] = max(errors.get(kernel, -1.0), excess)
+print(json.dumps({"kernel": choose_kernel(), "excess": errors, "isa": cpu.instruction_set(),
+                  "precision": resolve_precision("auto", torch.device("cpu"))}))
+"""
+
+
+def run_as(isa: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run Python as a CPU whose oneDNN kernels go no further than ``isa`` would (``ONEDNN_MAX_CPU_ISA``)."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+    return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_without_vnni_8_bit_queries_overflow_and_7_bit_ones_are_chosen(isa):
+    """x86 int8 kernels without VNNI add u8 x s8 pairs in int16 with saturation: 8-bit query codes break
+    the bound (so the check can fail), 7-bit ones cannot; and bf16 is emulated there, so ``auto`` is fp32."""
+    result = run_as(isa, "-c", ISA_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["excess"]["int8"] > 0.05  # saturated: far outside the bound
+    assert found["excess"]["int8-7bit"] <= 0
+    assert found["kernel"] == "int8-7bit"
+    assert found["precision"] == "fp32" and "VNNI" not in found["isa"] and "BF16" not in found["isa"]
+
+
+@pytest.mark.skipif(not {"VNNI", "AMX"} & set(cpu.features()), reason="this CPU has no VNNI")
+def test_with_vnni_8_bit_queries_are_exact_enough_and_chosen():
+    assert choose_kernel() == "int8"
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_the_exactness_tests_pass_as_a_cpu_without_vnni(isa):
+    """The tests of this file, in a process whose oneDNN runs as an AVX2 (or AVX-512 without VNNI) CPU would."""
+    result = run_as(isa, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                    "-k", "not as_a_cpu_without_vnni and not overflow and not server", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(["spread", "clusters", "subspace"]), n=st.integers(1, 700), block=st.integers(16, 300),
        chunks=st.integers(1, 5), k=st.integers(1, 40), queries=st.integers(1, 3), keep=st.floats(0, 1),
-       seed=st.integers(0, 2**16))
-def test_prescan_returns_what_a_float32_scan_returns(kind, n, block, chunks, k, queries, keep, seed):
+       distance=st.sampled_from([0.0, 1e-3, 0.05, None]), seed=st.integers(0, 2**16))
+def test_prescan_returns_what_a_float32_scan_returns(kind, n, block, chunks, k, queries, keep, distance, seed):
+    """Queries on a stored row, right next to one, near one, or anywhere (None): the nearest-neighbour case,
+    where query and rows point the same way, is where a 16-bit int8 accumulator overflows."""
     rng = np.random.default_rng(seed)
     vectors = vectors_like(kind, n, rng)
-    near = vectors[rng.integers(0, n, queries)] + 0.05 * rng.standard_normal((queries, 512))
-    q = unit(near if kind != "spread" else rng.standard_normal((queries, 512)))
+    near = vectors[rng.integers(0, n, queries)] + (distance or 0) * rng.standard_normal((queries, 512))
+    q = unit(near if distance is not None else rng.standard_normal((queries, 512)))
     scan = ExactScan(block=block)
     for part in np.array_split(vectors, chunks):  # grown in pieces, like an archive
         scan.add(part)
