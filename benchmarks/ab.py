@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import websockets
-
 from latency import ROOT, Config, Server, message_for
 
 FORMS = ("binary", "base64", "batch", "text-uncached", "text-cached")  # the ones answered in JSON

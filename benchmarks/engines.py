@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from latency import ROOT, machine
 
 ENGINES = ["torch fp32", "torch auto", "onnxruntime fp32", "openvino fp32", "openvino auto"]
@@ -56,8 +55,8 @@ def export(folder: Path, windows: int) -> dict:
     import torch
 
     from clap_ws.model import WINDOW_SAMPLES, ClapModel
-    from clap_ws.openvino_audio import export_onnx
-    from clap_ws.towers import AudioBody, log_mel, unpack_linears
+    from clap_ws.model.openvino_audio import export_onnx
+    from clap_ws.model.towers import AudioBody, log_mel, unpack_linears
 
     model = ClapModel.untrained(precision="fp32")  # this process builds and runs it: one OpenMP pool
     unpack_linears(model.net)  # packed linears are oneDNN calls that ONNX has no name for
@@ -101,7 +100,7 @@ def run_engine(engine: str, folder: Path, iterations: int) -> dict:
     import torch
 
     from clap_ws.model import ClapModel
-    from clap_ws.towers import AudioBody
+    from clap_ws.model.towers import AudioBody
 
     model = ClapModel.untrained(precision=engine.split()[1])
     body = AudioBody(model.net)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import websockets
+
 from clap_ws.cpu import describe
 
 ROOT = Path(__file__).resolve().parent.parent

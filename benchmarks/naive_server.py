@@ -22,7 +22,7 @@ from websockets.asyncio.server import serve
 from clap_ws.audio import AudioSpec, load, windows
 from clap_ws.cli import add_model_options, model_from_args
 from clap_ws.inference import AudioJob, Inference
-from clap_ws.towers import unpack_linears
+from clap_ws.model.towers import unpack_linears
 
 
 async def main() -> None:

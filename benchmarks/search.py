@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from latency import ROOT, machine
 
 from clap_ws.cpu import instruction_set
-from clap_ws.index import VectorIndex
-from clap_ws.scan import ExactScan, single_threaded
+from clap_ws.search.index import VectorIndex
+from clap_ws.search.scan import ExactScan, single_threaded
 from clap_ws.similarity import unit
-from latency import ROOT, machine
 
 
 def synthetic(n: int, queries: int, latent: int = 24, seed: int = 0):

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from .constants import SAMPLE_RATE, WINDOW_SAMPLES
 from .errors import AudioError
 
-MODEL_RATE = 48_000
-WINDOW = 480_000  # 10 s at 48 kHz
 MIN_RATE, MAX_RATE = 8_000, 192_000
 LONG_CLIP_MODES = ("mean", "head", "center")
 NORMALIZE_MODES = ("none", "peak")
@@ -40,7 +39,7 @@ NORMALIZE_MODES = ("none", "peak")
 class AudioSpec:
     """How to read one buffer: its rate, channel count and treatment."""
 
-    sample_rate: float = MODEL_RATE
+    sample_rate: float = SAMPLE_RATE
     channels: int = 1
     normalize: str = "none"
     long_clip: str = "mean"
@@ -96,8 +95,8 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
     if not np.isfinite(total):  # float64 cannot overflow here, so only NaN/inf samples do this
         raise AudioError("the audio contains NaN or infinite samples")
     mono = to_mono(frames)
-    if spec.sample_rate != MODEL_RATE:
-        mono = soxr.resample(mono, spec.sample_rate, MODEL_RATE, quality="HQ")
+    if spec.sample_rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, spec.sample_rate, SAMPLE_RATE, quality="HQ")
     if spec.normalize == "peak":
         peak = float(np.abs(mono).max())
         if peak > 0:
@@ -111,7 +110,7 @@ def quantize(clip: np.ndarray) -> np.ndarray:
     return (q / 32767.0).astype(np.float32)
 
 
-def repeat_pad(clip: np.ndarray, length: int = WINDOW) -> np.ndarray:
+def repeat_pad(clip: np.ndarray, length: int = WINDOW_SAMPLES) -> np.ndarray:
     """laion-clap's ``repeatpad``: whole repeats of the clip, then zeros."""
     out = np.zeros(length, dtype=np.float32)
     repeats = length // len(clip)
@@ -119,7 +118,7 @@ def repeat_pad(clip: np.ndarray, length: int = WINDOW) -> np.ndarray:
     return out
 
 
-def window_starts(n: int, mode: str = "mean", length: int = WINDOW) -> list[int]:
+def window_starts(n: int, mode: str = "mean", length: int = WINDOW_SAMPLES) -> list[int]:
     """Start offsets of the windows taken from a clip of ``n`` > ``length`` samples."""
     if mode == "head":
         return [0]
@@ -134,6 +133,6 @@ def window_starts(n: int, mode: str = "mean", length: int = WINDOW) -> list[int]
 def windows(clip: np.ndarray, mode: str = "mean") -> np.ndarray:
     """(k, 480000) float32 model input for one 48 kHz clip."""
     clip = quantize(clip)
-    if len(clip) <= WINDOW:
+    if len(clip) <= WINDOW_SAMPLES:
         return repeat_pad(clip)[None]
-    return np.stack([clip[s : s + WINDOW] for s in window_starts(len(clip), mode)])
+    return np.stack([clip[s : s + WINDOW_SAMPLES] for s in window_starts(len(clip), mode)])

@@ -20,9 +20,15 @@ from dataclasses import fields, replace
 
 from . import __version__
 from .errors import ModelError
-from .index import HNSW_THRESHOLD
-from .model import ENGINES, PRECISIONS
-from .weights import DEFAULT_CHECKPOINT, KNOWN_CHECKPOINTS, cache_dir, download, load_model
+from .model.clap import ENGINES, PRECISIONS
+from .model.weights import (
+    DEFAULT_CHECKPOINT,
+    KNOWN_CHECKPOINTS,
+    cache_dir,
+    download,
+    load_model,
+)
+from .search.index import HNSW_THRESHOLD
 
 _SERVER_HELP = {
     "host": "address to bind (default %(default)s; loopback only)",
@@ -158,8 +164,9 @@ def check_exposure(config, insecure: bool) -> None:
 def _library(args: argparse.Namespace) -> int:
     import json
 
+    from .build import build
     from .cpu import instruction_set
-    from .library import Library, build
+    from .search.library import Library
 
     if args.library_command == "info":
         lib = Library.load(args.lib)
@@ -191,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "library":
             return _library(args)
-        from .archive import Archives
-        from .library import Library
         from .projection import Projection
+        from .search.archive import Archives
+        from .search.library import Library
         from .server import ServerConfig, run
 
         config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})

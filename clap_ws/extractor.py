@@ -15,9 +15,9 @@ import numpy as np
 from .audio import AudioSpec, check_rate, prepare, windows
 from .errors import AudioError
 from .inference import AudioJob, Inference, TextJob
-from .model import ClapModel
+from .model.clap import ClapModel
+from .model.weights import load_model
 from .similarity import cosine_matrix
-from .weights import load_model
 
 
 class CLAPExtractor:

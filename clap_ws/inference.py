@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import ClapModel
+from .model.clap import ClapModel
 from .similarity import unit
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from .constants import EMBED_DIM
 from .errors import ModelError
 
 
@@ -41,15 +42,15 @@ class Projection:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k].astype(np.float32) for k in data.files}
             if "components" in arrays:
-                matrix, offset = arrays["components"], arrays.get("mean", np.zeros(512, np.float32))
+                matrix, offset = arrays["components"], arrays.get("mean", np.zeros(EMBED_DIM, np.float32))
                 fn = lambda x: (x - offset) @ matrix.T  # noqa: E731
             elif "weight" in arrays:
                 matrix, bias = arrays["weight"], arrays.get("bias", np.zeros(len(arrays["weight"]), np.float32))
                 fn = lambda x: x @ matrix.T + bias  # noqa: E731
             else:
                 raise ModelError(f"{path.name} needs 'components' (PCA) or 'weight' (linear); it has {sorted(arrays)}")
-            if matrix.ndim != 2 or matrix.shape[1] != 512:
-                raise ModelError(f"{path.name}: the projection matrix must be d x 512, not {matrix.shape}")
+            if matrix.ndim != 2 or matrix.shape[1] != EMBED_DIM:
+                raise ModelError(f"{path.name}: the projection matrix must be d x {EMBED_DIM}, not {matrix.shape}")
             return cls(fn, matrix.shape[0], path.name)
         import torch
 
@@ -63,7 +64,7 @@ class Projection:
                 return module(torch.from_numpy(x)).float().numpy()
 
         try:
-            dims = run(np.zeros((1, 512), np.float32)).shape[1]
+            dims = run(np.zeros((1, EMBED_DIM), np.float32)).shape[1]
         except Exception as exc:
-            raise ModelError(f"{path.name} does not map (n, 512) to (n, d): {exc}") from None
+            raise ModelError(f"{path.name} does not map (n, {EMBED_DIM}) to (n, d): {exc}") from None
         return cls(run, dims, path.name)

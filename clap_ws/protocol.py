@@ -27,9 +27,19 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from .audio import LONG_CLIP_MODES, NORMALIZE_MODES, AudioSpec, check_rate
+from .constants import EMBED_DIM
 from .errors import ClapError, RequestError
 
 REPLY_FORMATS = ("json", "binary")
@@ -285,8 +295,8 @@ def _vectors(value: Any, where: str, request_id: Any, single: bool = False) -> n
     array = np.asarray(value) if isinstance(value, list) else None
     if single and array is not None:
         array = array[None]
-    shape = "a list of 512 numbers" if single else "a list of lists of 512 numbers"
-    if array is None or array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[1] != 512 \
+    shape = f"a list of {EMBED_DIM} numbers" if single else f"a list of lists of {EMBED_DIM} numbers"
+    if array is None or array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[1] != EMBED_DIM \
             or len(array) == 0:
         raise _rejected("bad_request", f"{where} must be {shape}", request_id)
     array = array.astype(np.float32)

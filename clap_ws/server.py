@@ -32,8 +32,8 @@ import logging
 import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Awaitable
 from http import HTTPStatus
+from typing import Awaitable
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -43,12 +43,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from . import __version__
-from .archive import Archives
 from .errors import ClapError, ShuttingDown
-from .library import Library
-from .model import ClapModel
+from .model.clap import ClapModel
 from .projection import Projection
-from .protocol import ConnectionDefaults, error_reply, parse_binary, parse_query, parse_text
+from .protocol import (
+    ConnectionDefaults,
+    error_reply,
+    parse_binary,
+    parse_query,
+    parse_text,
+)
+from .search.archive import Archives
+from .search.library import Library
 from .service import Service, done
 
 _log = logging.getLogger(__name__)

@@ -30,18 +30,25 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from .archive import Archives
 from .audio import load, windows
 from .batching import MicroBatcher
+from .cpu import instruction_set
 from .errors import ClapError
 from .inference import AudioJob, Inference, TextJob
-from .library import Library, model_identity
-from .model import ClapModel
+from .model.clap import ClapModel, model_identity
 from .projection import Projection
-from .protocol import (ArchiveRequest, EmbedRequest, InfoRequest, SearchRequest, TextRequest, embedding_reply,
-                       ok_reply)
-from .scan import choose_kernel, single_threaded
-from .cpu import instruction_set
+from .protocol import (
+    ArchiveRequest,
+    EmbedRequest,
+    InfoRequest,
+    SearchRequest,
+    TextRequest,
+    embedding_reply,
+    ok_reply,
+)
+from .search.archive import Archives
+from .search.library import Library
+from .search.scan import choose_kernel, single_threaded
 from .similarity import TextCache, cosine_matrix, softmax_probs, unit
 
 _log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import pytest
 import torch
 import websockets
 
-from clap_ws.checkpoint import Architecture
 from clap_ws.model import ClapModel
+from clap_ws.model.checkpoint import Architecture
 from clap_ws.server import ClapServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,8 +41,9 @@ def placeholder_torchvision():
 
 def offline_transformers():
     import transformers
-    from clap_ws.laion import ROBERTA_BASE_CONFIG
-    from clap_ws.tokenizer import byte_level_tokenizer
+
+    from clap_ws.model.laion import ROBERTA_BASE_CONFIG
+    from clap_ws.model.tokenizer import byte_level_tokenizer
 
     tokenizer = classmethod(lambda cls, *a, **k: byte_level_tokenizer())
     for name in ("BertTokenizer", "RobertaTokenizer", "BartTokenizer"):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import chirp, noise, tone
 
-from clap_ws.audio import WINDOW, AudioSpec, decode_pcm, load, quantize, window_starts, windows
+from clap_ws.audio import AudioSpec, decode_pcm, load, quantize, window_starts, windows
+from clap_ws.constants import WINDOW_SAMPLES
 from clap_ws.errors import AudioError
 
 
@@ -83,7 +84,7 @@ def test_short_clip_is_quantised_and_repeat_padded_like_laion_clap():
     clip = tone(seconds=3)
     (w,) = windows(clip)
     q = quantize(clip)
-    assert w.shape == (WINDOW,)
+    assert w.shape == (WINDOW_SAMPLES,)
     np.testing.assert_array_equal(w[:144000], q)
     np.testing.assert_array_equal(w[144000:288000], q)  # three whole repeats fit in 10 s
     np.testing.assert_array_equal(w[432000:], 0)
@@ -93,7 +94,7 @@ def test_short_clip_is_quantised_and_repeat_padded_like_laion_clap():
 def test_exact_ten_seconds_is_one_window_unpadded():
     clip = noise(seconds=10)
     out = windows(clip)
-    assert out.shape == (1, WINDOW)
+    assert out.shape == (1, WINDOW_SAMPLES)
     np.testing.assert_array_equal(out[0], quantize(clip))
 
 
@@ -105,5 +106,5 @@ def test_long_clip_windows_cover_everything_deterministically():
     assert window_starts(960000, "mean") == [0, 480000]
     clip = chirp(seconds=25.5)
     a, b = windows(clip, "mean"), windows(clip, "mean")
-    assert a.shape == (3, WINDOW) and np.array_equal(a, b)
-    np.testing.assert_array_equal(a[2], quantize(clip)[-WINDOW:])
+    assert a.shape == (3, WINDOW_SAMPLES) and np.array_equal(a, b)
+    np.testing.assert_array_equal(a[2], quantize(clip)[-WINDOW_SAMPLES:])

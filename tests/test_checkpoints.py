@@ -10,17 +10,27 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
-
-from clap_ws.errors import ModelError, TextUnavailable
-from clap_ws.extractor import CLAPExtractor
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clap_ws.checkpoint import Architecture, detect_architecture, read_checkpoint, sha256_of
+from clap_ws.errors import ModelError, TextUnavailable
+from clap_ws.extractor import CLAPExtractor
 from clap_ws.model import ClapModel
-from clap_ws.roberta import serve_roberta
-from clap_ws.swin import serve_swin
-from clap_ws.towers import can_pack_linears, chunk_sizes, fusion_mel, pack_linears, unpack_linears
+from clap_ws.model.checkpoint import (
+    Architecture,
+    detect_architecture,
+    read_checkpoint,
+    sha256_of,
+)
+from clap_ws.model.roberta import serve_roberta
+from clap_ws.model.swin import serve_swin
+from clap_ws.model.towers import (
+    can_pack_linears,
+    chunk_sizes,
+    fusion_mel,
+    pack_linears,
+    unpack_linears,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,7 @@ def test_fusion_checkpoint_is_detected_and_runs(tmp_path):
 
 def test_fusion_mel_matches_librosa():
     librosa = pytest.importorskip("librosa")
-    from clap_ws import laion
+    from clap_ws.model import laion
 
     cfg = laion.load_clap_module().CLAPAudioCfp(**laion.model_config("HTSAT-tiny")["audio_cfg"])
     x = np.concatenate([chirp(seconds=5), noise(seconds=5)])
@@ -125,7 +135,7 @@ def test_text_without_tokenizer_is_a_clear_error_and_audio_still_works(tiny):
 
 def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
     """fp32, same weights, same 48 kHz clips: laion-clap's own embedding (cosine >= 0.99999)."""
-    from clap_ws.tokenizer import byte_level_tokenizer
+    from clap_ws.model.tokenizer import byte_level_tokenizer
 
     clips = {"a_short_3s": chirp(seconds=3), "b_exactly_10s": noise(seconds=10, seed=4),
              "c_tone_1s": tone(523.25, seconds=1)}

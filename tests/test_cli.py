@@ -18,9 +18,9 @@ import pytest
 import websockets
 from conftest import ROOT, noise, tone
 
-from clap_ws import weights
 from clap_ws.errors import ModelError
-from clap_ws.tokenizer import byte_level_tokenizer
+from clap_ws.model import weights
+from clap_ws.model.tokenizer import byte_level_tokenizer
 
 
 def offline_env(tmp_path, **extra):
@@ -136,7 +136,7 @@ def test_checkpoint_from_environment_and_sigint(tmp_path, tiny_checkpoint):
 
 
 def weights_sha(path):
-    from clap_ws.checkpoint import sha256_of
+    from clap_ws.model.checkpoint import sha256_of
 
     return sha256_of(path)
 

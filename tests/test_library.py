@@ -11,15 +11,16 @@ import faiss
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import ROOT, ask, chirp, connect, cosine, noise, running_server, tone
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import ROOT, ask, chirp, connect, cosine, noise, running_server, tone
 
+from clap_ws.build import build, scan
 from clap_ws.errors import ModelError
 from clap_ws.extractor import CLAPExtractor
-from clap_ws.index import VectorIndex
+from clap_ws.search.index import VectorIndex
+from clap_ws.search.library import Library
 from clap_ws.similarity import unit
-from clap_ws.library import Library, build, scan
 
 
 def b64(x):

@@ -12,9 +12,9 @@ import websockets
 from conftest import chirp, cosine, noise, running_server, tone
 from test_cli import Served, offline_env
 
-from clap_ws.checkpoint import Architecture
 from clap_ws.errors import ModelError
 from clap_ws.model import ClapModel
+from clap_ws.model.checkpoint import Architecture
 
 
 def ten_second_windows() -> np.ndarray:

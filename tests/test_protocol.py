@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from clap_ws.errors import ClapError
-from clap_ws.protocol import (EmbedRequest, InfoRequest, embedding_reply, error_reply,
-                              parse_binary, parse_query, parse_text)
+from clap_ws.protocol import (
+    EmbedRequest,
+    InfoRequest,
+    embedding_reply,
+    error_reply,
+    parse_binary,
+    parse_query,
+    parse_text,
+)
 
 DEFAULTS = parse_query("", 48000)
 B64 = base64.b64encode(np.zeros(4, np.float32).tobytes()).decode()

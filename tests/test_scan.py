@@ -11,17 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clap_ws.archive import Archives
-from clap_ws.index import VectorIndex
-from clap_ws.library import Library, model_identity
 from clap_ws import cpu
-from clap_ws.scan import ExactScan, choose_kernel, int8_matmul_available
+from clap_ws.model.clap import model_identity
+from clap_ws.search.archive import Archives
+from clap_ws.search.index import VectorIndex
+from clap_ws.search.library import Library
+from clap_ws.search.scan import ExactScan, choose_kernel, int8_matmul_available
 from clap_ws.service import Service
 from clap_ws.similarity import unit
-from conftest import ROOT
 
 
 def vectors_like(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -76,7 +77,7 @@ ISA_SCRIPT = """
 import json, numpy as np
 from clap_ws import cpu
 from clap_ws.model import resolve_precision
-from clap_ws.scan import QUERY_LEVELS, _Int8Rows, _adversarial, choose_kernel
+from clap_ws.search.scan import QUERY_LEVELS, _Int8Rows, _adversarial, choose_kernel
 import torch
 rows, queries = _adversarial(np.random.default_rng(0))
 errors = {}

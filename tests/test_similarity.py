@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import ask, chirp, connect, noise, running_server, tone
 
-from clap_ws.archive import Archives
 from clap_ws.audio import windows
 from clap_ws.errors import TextUnavailable
-from clap_ws.inference import AudioJob, Inference, Result, TextJob
 from clap_ws.extractor import CLAPExtractor
+from clap_ws.inference import AudioJob, Inference, Result, TextJob
 from clap_ws.model import ClapModel
 from clap_ws.projection import Projection
+from clap_ws.search.archive import Archives
 
 
 def b64(x):

@@ -1,6 +1,6 @@
 """The built-in tokenizer of untrained models: valid ids, deterministic, realistic lengths."""
 
-from clap_ws.tokenizer import MAX_TOKENS, byte_level_tokenizer, tokenize
+from clap_ws.model.tokenizer import MAX_TOKENS, byte_level_tokenizer, tokenize
 
 ROBERTA_VOCAB = 50265  # rows of the text tower's token embedding
 

@@ -79,20 +79,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..constants import EMBED_DIM, SAMPLE_RATE, WINDOW_SAMPLES
+from ..cpu import has_native_bf16
+from ..errors import ModelError, TextUnavailable
 from . import laion
-from .cpu import has_native_bf16
-from .checkpoint import Architecture, Identity, detect_architecture, read_checkpoint, sha256_of
-from .errors import ModelError, TextUnavailable
+from .checkpoint import (
+    Architecture,
+    Identity,
+    detect_architecture,
+    read_checkpoint,
+    sha256_of,
+)
 from .openvino_audio import OpenVinoAudio
 from .roberta import serve_roberta
 from .swin import serve_swin
-from .towers import (AudioTower, TextTower, can_pack_linears, cast_weights, chunk_sizes, fft_stft, fp32_forward,
-                     log_mel, pack_linears, unpack_linears)
 from .tokenizer import byte_level_tokenizer, tokenize
+from .towers import (
+    AudioTower,
+    TextTower,
+    can_pack_linears,
+    cast_weights,
+    chunk_sizes,
+    fft_stft,
+    fp32_forward,
+    log_mel,
+    pack_linears,
+    unpack_linears,
+)
 
-SAMPLE_RATE = 48_000
-WINDOW_SAMPLES = 480_000  # CLAP sees 10 s at 48 kHz
-EMBED_DIM = 512
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("torch", "openvino")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -358,3 +372,10 @@ class ClapModel:
             "text": self.tokenizer is not None,
             "tokenizer": self.tokenizer_source,
         }
+
+
+def model_identity(model: ClapModel) -> dict:
+    """What must match between a library and the server's model."""
+    ident = model.identity
+    return {"name": ident.name, "sha256": ident.sha256, "seed": ident.seed,
+            "architecture": model.architecture.describe()}

@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 DEFAULT_CHECKPOINT = "630k-audioset-best.pt"
 KNOWN_CHECKPOINTS = {
@@ -150,7 +150,7 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
     It is built on a thread that ends (see :func:`_on_a_thread_that_ends`).
     """
     from .checkpoint import Architecture
-    from .model import ClapModel
+    from .clap import ClapModel
     from .tokenizer import find_tokenizer
 
     folder = cache_dir(cache)

@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ClapError
+from ..constants import EMBED_DIM
+from ..errors import ClapError
+from ..similarity import unit
 from .index import VectorIndex
-from .similarity import unit
 from .storage import read_npz, write_npz
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -77,7 +78,7 @@ class Archive:
         return [[{"id": self.ids[i], "score": float(s)} for s, i in zip(rs, ri)] for rs, ri in zip(scores, rows)]
 
     def describe(self) -> dict:
-        return {"archive": self.name, "count": len(self), "dimension": 512, "created": self.created}
+        return {"archive": self.name, "count": len(self), "dimension": EMBED_DIM, "created": self.created}
 
 
 class Archives:

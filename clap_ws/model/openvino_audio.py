@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 from .towers import AudioBody
 
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}

@@ -1,17 +1,6 @@
-"""Sound libraries: build once from a folder, load at start-up, search fast.
+"""``clap-ws library build``: embed every audio file below a folder into one library file.
 
-A library is **one file** (an uncompressed ``.npz``) holding the float32
-embeddings, a JSON block (format version, the identity of the model that
-built it, per-item metadata) and the serialised FAISS index. One file means
-one atomic ``os.replace`` on save: a crash never leaves a library that fails
-to load.
-
-Item metadata: the path relative to the scanned folder, duration, sample
-rate, channels, a sha256 of the file's bytes, size and mtime (to skip
-re-hashing unchanged files), and the folder names as tags
-(``drums/kicks/k1.wav`` is tagged ``drums`` and ``kicks``).
-
-:func:`build` is resumable and incremental:
+It is resumable and incremental:
 
 * after every batch it writes a journal chunk (``LIB.journal/chunk-N.npz``,
   also via temp file + rename), so a run killed at any moment - ``kill -9``
@@ -20,15 +9,20 @@ re-hashing unchanged files), and the folder names as tags
   files (same size and mtime, or same content hash: reused) and drops items
   whose files are gone.
 
-A library built with one model is refused by a server running another: the
-embeddings would live in a different space.
+Item metadata: the path relative to the scanned folder, duration, sample
+rate, channels, a sha256 of the file's bytes, size and mtime (to skip
+re-hashing unchanged files), and the folder names as tags
+(``drums/kicks/k1.wav`` is tagged ``drums`` and ``kicks``).
+
+It runs the model through the same :class:`~clap_ws.inference.Inference` as
+the server, so a library's embeddings are what a server would answer; the
+file format and search live in :mod:`clap_ws.search.library`, which needs no model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,101 +30,19 @@ from typing import Callable
 import numpy as np
 
 from .audio import AudioSpec, prepare, windows
-from .checkpoint import sha256_of
+from .constants import EMBED_DIM
 from .errors import ClapError, ModelError
-from .index import HNSW_THRESHOLD, VectorIndex, choose_kind
 from .inference import AudioJob, Inference
-from .model import ClapModel
-from .similarity import unit
-from .storage import read_npz, write_npz
+from .model.checkpoint import sha256_of
+from .model.clap import ClapModel, model_identity
+from .search.index import HNSW_THRESHOLD, VectorIndex, choose_kind
+from .search.library import Library
+from .search.storage import read_npz, write_npz
 
-FORMAT = "clap-ws library"
-VERSION = 1
 EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
 _log = logging.getLogger(__name__)
 
 
-def model_identity(model: ClapModel) -> dict:
-    """What must match between a library and the server's model."""
-    ident = model.identity
-    return {"name": ident.name, "sha256": ident.sha256, "seed": ident.seed,
-            "architecture": model.architecture.describe()}
-
-
-def same_model(a: dict, b: dict) -> bool:
-    if a.get("sha256") or b.get("sha256"):
-        return a.get("sha256") == b.get("sha256")
-    return (a.get("name"), a.get("seed"), a.get("architecture")) == (b.get("name"), b.get("seed"), b.get("architecture"))
-
-
-def _describe_model(m: dict) -> str:
-    return f"{m['name']} ({m['architecture']}, " + (f"sha256 {m['sha256'][:12]}…)" if m.get("sha256")
-                                                    else f"seed {m.get('seed')})")
-
-
-@dataclass
-class Library:
-    """Embeddings, item metadata and an index, as loaded from (or saved to) one file."""
-
-    name: str
-    model: dict
-    items: list[dict]
-    index: VectorIndex
-    root: str = ""
-    tag_sets: list[frozenset] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.tag_sets = [frozenset(item.get("tags", ())) for item in self.items]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def embeddings(self) -> np.ndarray:
-        return self.index.vectors
-
-    # ---- files -------------------------------------------------------------------
-    @classmethod
-    def load(cls, path: str | os.PathLike, name: str | None = None) -> "Library":
-        path = Path(path)
-        try:
-            meta, arrays = read_npz(path)
-            vectors, index_bytes = arrays["embeddings"], arrays["index"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"cannot load library {path}: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ModelError(f"{path} is not a clap-ws library (format {meta.get('format')!r} {meta.get('version')!r})")
-        index = VectorIndex.from_bytes(vectors, meta["index"], index_bytes)
-        return cls(name or path.name.removesuffix(".npz"), meta["model"], meta["items"], index, meta.get("root", ""))
-
-    def save(self, path: str | os.PathLike) -> None:
-        meta = {"format": FORMAT, "version": VERSION, "model": self.model, "root": self.root,
-                "index": self.index.kind, "count": len(self), "items": self.items,
-                "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_npz(Path(path), meta, embeddings=self.embeddings, index=self.index.to_bytes())
-
-    def check_model(self, identity: dict) -> None:
-        if not same_model(self.model, identity):
-            raise ModelError(
-                f"library {self.name!r} was built with {_describe_model(self.model)}, but this server runs "
-                f"{_describe_model(identity)}: embeddings from different models cannot be compared. "
-                f"Rebuild it with `clap-ws library build` and the same model options."
-            )
-
-    # ---- search --------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, tags: list[str] | None = None) -> list[list[dict]]:
-        """Top-``k`` items per query (unit vectors), optionally only items carrying all ``tags``."""
-        mask = None
-        if tags:
-            wanted = set(tags)
-            mask = np.fromiter((wanted <= t for t in self.tag_sets), bool, len(self.tag_sets))
-        scores, ids = self.index.search(unit(queries), k, mask)
-        return [[{"path": self.items[i]["path"], "score": float(s), "tags": self.items[i].get("tags", []),
-                  "library": self.name} for s, i in zip(row_s, row_i) if i >= 0]
-                for row_s, row_i in zip(scores, ids)]
-
-
-# ---- building ----------------------------------------------------------------------------
 @dataclass
 class BuildReport:
     embedded: int = 0
@@ -246,7 +158,7 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
 
     order = [p.relative_to(root).as_posix() for p in files]
     items = [keep[rel][0] for rel in order if rel in keep]
-    vectors = np.stack([keep[rel][1] for rel in order if rel in keep]) if items else np.zeros((0, 512), np.float32)
+    vectors = np.stack([keep[rel][1] for rel in order if rel in keep]) if items else np.zeros((0, EMBED_DIM), np.float32)
     kind = choose_kind(len(items), index, hnsw_threshold)
     Library(out.name, identity, items, VectorIndex(vectors, kind), str(root)).save(out)
     for chunk in journal.glob("*"):

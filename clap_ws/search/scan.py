@@ -60,11 +60,12 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
-from .similarity import unit
+from ..constants import EMBED_DIM
+from ..similarity import unit
 
 logger = logging.getLogger(__name__)
 
-DIM = 512
+DIM = EMBED_DIM
 BLOCK = 8192  # rows per int8 block: 4 MB, packed in about 30 ms
 LEAD = 64  # leading principal dimensions read by the first pass
 LEAD_RESIDUAL = 0.5  # build the first pass only if the first block's median |x_rest| is at most this

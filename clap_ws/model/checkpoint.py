@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # HTSAT variants by the width of the patch embedding (laion-clap's htsat.py).
 _HTSAT_BY_WIDTH = {96: "HTSAT-tiny", 128: "HTSAT-base", 256: "HTSAT-large"}

@@ -24,9 +24,8 @@ index work on one executor thread).
 
 from __future__ import annotations
 
-import numpy as np
-
 import faiss
+import numpy as np
 
 from .scan import DIM, ExactScan
 
