@@ -28,7 +28,7 @@ import numpy as np
 import soxr
 
 from .constants import SAMPLE_RATE, WINDOW_SAMPLES
-from .errors import AudioError
+from .errors import AudioError, ErrorCode
 
 MIN_RATE, MAX_RATE = 8_000, 192_000
 LONG_CLIP_MODES = ("mean", "head", "center")
@@ -70,7 +70,7 @@ def check_rate(sample_rate: float) -> None:
     if not MIN_RATE <= sample_rate <= MAX_RATE:
         raise AudioError(
             f"sample_rate {sample_rate:g} is out of range ({MIN_RATE}-{MAX_RATE} Hz)",
-            code="bad_sample_rate",
+            code=ErrorCode.BAD_SAMPLE_RATE,
         )
 
 
@@ -88,7 +88,7 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
     if seconds > max_seconds:
         raise AudioError(
             f"the audio is {seconds:.2f} s long; this server takes at most {max_seconds:g} s per clip",
-            code="too_long",
+            code=ErrorCode.TOO_LONG,
         )
     with np.errstate(invalid="ignore", over="ignore"):
         total = frames.sum(dtype=np.float64)

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Generic, Sequence, TypeVar
 
-from .errors import Busy, ClapError
+from .errors import Busy, ClapError, ErrorCode
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -97,7 +97,7 @@ class MicroBatcher(Generic[T, R]):
         future = loop.create_future()
         with self._cond:
             if self._stopping:
-                raise ClapError("the inference worker is stopping", code="shutting_down")
+                raise ClapError("the inference worker is stopping", code=ErrorCode.SHUTTING_DOWN)
             if len(self._queue) >= self.max_queue:
                 raise Busy(f"the inference queue is full ({self.max_queue} requests waiting); retry shortly")
             self._queue.append(_Pending(item, future, loop))

@@ -31,7 +31,7 @@ import numpy as np
 
 from .audio import AudioSpec, prepare, windows
 from .constants import EMBED_DIM
-from .errors import ClapError, ModelError
+from .errors import ClapError, ErrorCode, ModelError
 from .inference import AudioJob, Inference
 from .model.checkpoint import sha256_of
 from .model.clap import ClapModel, model_identity
@@ -65,9 +65,9 @@ def read_audio(path: Path, max_seconds: float) -> tuple[np.ndarray, dict]:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile's errors are plain RuntimeError/LibsndfileError
-        raise ClapError(f"unreadable: {exc}", code="bad_audio") from None
+        raise ClapError(f"unreadable: {exc}", code=ErrorCode.BAD_AUDIO) from None
     if data.size == 0:
-        raise ClapError("empty: no samples", code="bad_audio")
+        raise ClapError("empty: no samples", code=ErrorCode.BAD_AUDIO)
     clip = prepare(np.ascontiguousarray(data), AudioSpec(sample_rate=rate, channels=data.shape[1]), max_seconds)
     meta = {"duration": round(len(data) / rate, 6), "sample_rate": int(rate), "channels": int(data.shape[1])}
     return windows(clip), meta

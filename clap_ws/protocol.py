@@ -40,7 +40,7 @@ from pydantic import (
 
 from .audio import LONG_CLIP_MODES, NORMALIZE_MODES, AudioSpec, check_rate
 from .constants import EMBED_DIM
-from .errors import ClapError, RequestError
+from .errors import ClapError, ErrorCode, RequestError
 
 REPLY_FORMATS = ("json", "binary")
 _QUERY_KEYS = ("sample_rate", "channels", "normalize", "long_clip", "reply")
@@ -227,10 +227,8 @@ _SCHEMAS = {"embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_te
 OPS = tuple(_SCHEMAS)
 
 
-def _rejected(code: str, message: str, request_id: Any = None) -> RequestError:
-    error = RequestError(message, code=code)
-    error.request_id = request_id
-    return error
+def _rejected(code: ErrorCode, message: str) -> RequestError:
+    return RequestError(message, code=code)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -243,11 +241,11 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-def _b64(text: str, where: str, request_id: Any) -> bytes:
+def _b64(text: str, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise _rejected("bad_base64", f"{where} is not valid base64", request_id) from None
+        raise _rejected("bad_base64", f"{where} is not valid base64") from None
 
 
 # ---- parsing ------------------------------------------------------------------
@@ -290,7 +288,7 @@ def parse_binary(data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:
     return EmbedRequest([data], defaults.spec, defaults.reply)
 
 
-def _vectors(value: Any, where: str, request_id: Any, single: bool = False) -> np.ndarray:
+def _vectors(value: Any, where: str, single: bool = False) -> np.ndarray:
     """JSON numbers -> (n, 512) float32 unit rows; anything else is ``bad_request``."""
     array = np.asarray(value) if isinstance(value, list) else None
     if single and array is not None:
@@ -298,11 +296,11 @@ def _vectors(value: Any, where: str, request_id: Any, single: bool = False) -> n
     shape = f"a list of {EMBED_DIM} numbers" if single else f"a list of lists of {EMBED_DIM} numbers"
     if array is None or array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[1] != EMBED_DIM \
             or len(array) == 0:
-        raise _rejected("bad_request", f"{where} must be {shape}", request_id)
+        raise _rejected(ErrorCode.BAD_REQUEST, f"{where} must be {shape}")
     array = array.astype(np.float32)
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     if not np.isfinite(array).all() or not np.isfinite(norms).all() or (norms == 0).any():
-        raise _rejected("bad_request", f"{where} must be finite, non-zero vectors", request_id)
+        raise _rejected(ErrorCode.BAD_REQUEST, f"{where} must be finite, non-zero vectors")
     return array / norms
 
 
@@ -315,40 +313,52 @@ def _spec(msg: _Audio, defaults: ConnectionDefaults) -> AudioSpec:
     )
 
 
-def _buffers(msg, request_id: Any) -> list[bytes]:
+def _buffers(msg) -> list[bytes]:
     if getattr(msg, "audio_buffers", None):
-        return [_b64(b, f"audio_buffers[{i}]", request_id) for i, b in enumerate(msg.audio_buffers)]
+        return [_b64(b, f"audio_buffers[{i}]") for i, b in enumerate(msg.audio_buffers)]
     if getattr(msg, "audio_buffer", None) is not None:
-        return [_b64(msg.audio_buffer, "audio_buffer", request_id)]
+        return [_b64(msg.audio_buffer, "audio_buffer")]
     return []
 
 
-def _too_many(data: dict, max_items: int, request_id: Any) -> None:
+def _too_many(data: dict, max_items: int) -> None:
     for key in ("audio_buffers", "embeddings", "texts", "prompts", "references"):
         value = data.get(key)
         if isinstance(value, list) and len(value) > max_items:
-            raise _rejected("too_many_items", f"{key} has {len(value)} items; this server takes at most "
-                            f"{max_items} per request", request_id)
+            raise _rejected(ErrorCode.TOO_MANY_ITEMS, f"{key} has {len(value)} items; this server takes at most "
+                            f"{max_items} per request")
 
 
 def parse_text(text: str | bytes, defaults: ConnectionDefaults, max_items: int) -> Request:
-    """Validate one JSON message into a typed request."""
+    """Validate one JSON message into a typed request.
+
+    Raises :class:`~clap_ws.errors.ClapError` (``bad_json``, ``unknown_op``,
+    ``bad_request``, ``too_many_items``, ``bad_base64``, ``bad_sample_rate``)
+    carrying the message's ``id`` once it is known.
+    """
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise _rejected("bad_json", f"the message is not valid JSON: {exc}") from None
+        raise _rejected(ErrorCode.BAD_JSON, f"the message is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise _rejected("bad_json", f"the message must be a JSON object, not {type(data).__name__}")
-    request_id = data.get("id")
+        raise _rejected(ErrorCode.BAD_JSON, f"the message must be a JSON object, not {type(data).__name__}")
+    try:
+        return _validate(data, defaults, max_items)
+    except ClapError as exc:
+        exc.request_id = data.get("id")
+        raise
+
+
+def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Request:
     op = data.get("op", "embed")
     schema = _SCHEMAS.get(op) if isinstance(op, str) else None
     if schema is None:
-        raise _rejected("unknown_op", f"unknown op {op!r}; known: {', '.join(OPS)}", request_id)
-    _too_many(data, max_items, request_id)
+        raise _rejected(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; known: {', '.join(OPS)}")
+    _too_many(data, max_items)
     try:
         msg = schema.model_validate(data)
     except ValidationError as exc:
-        raise _rejected("bad_request", _describe(exc), request_id) from None
+        raise _rejected(ErrorCode.BAD_REQUEST, _describe(exc)) from None
     if isinstance(msg, _InfoMessage):
         return InfoRequest(msg.id)
     if isinstance(msg, _EmbedTextMessage):
@@ -356,51 +366,58 @@ def parse_text(text: str | bytes, defaults: ConnectionDefaults, max_items: int) 
     if isinstance(msg, (_ArchiveInfoMessage, _ArchiveDropMessage)):
         return ArchiveRequest(msg.op, msg.id, msg.archive)
     spec = _spec(msg, defaults)
-    try:
-        check_rate(spec.sample_rate)
-    except ClapError as exc:
-        exc.request_id = request_id
-        raise
-    buffers = _buffers(msg, request_id)
+    check_rate(spec.sample_rate)
+    buffers = _buffers(msg)
     if isinstance(msg, _SearchMessage):
-        embedding = None if msg.embedding is None else _vectors(msg.embedding, "embedding", request_id, True)
-        if len(buffers) + (embedding is not None) > 1 or not (buffers or embedding is not None or msg.text):
-            raise _rejected("bad_request", "search needs text, and/or one of audio_buffer or embedding", request_id)
-        return SearchRequest(msg.id, msg.text, buffers, spec, embedding, msg.top_k, msg.alpha,
-                             tuple(msg.tags or ()), msg.library)
+        return _search_request(msg, spec, buffers)
     if isinstance(msg, _ArchiveMessage):
-        sources = [msg.embeddings is not None, msg.embedding is not None, bool(buffers)]
-        if sum(sources) != 1:
-            raise _rejected("bad_request", f"{msg.op} needs exactly one of embeddings, embedding, audio_buffer "
-                            "or audio_buffers", request_id)
-        vectors = None
-        if msg.embeddings is not None:
-            vectors = _vectors(msg.embeddings, "embeddings", request_id)
-        elif msg.embedding is not None:
-            vectors = _vectors(msg.embedding, "embedding", request_id, True)
-        count = len(vectors) if vectors is not None else len(buffers)
-        if msg.ids is not None and (msg.op != "archive_add" or len(msg.ids) != count):
-            raise _rejected("bad_request", f"ids must be given only with archive_add, one per item ({count})",
-                            request_id)
-        return ArchiveRequest(msg.op, msg.id, msg.archive, vectors, buffers, spec,
-                              None if msg.ids is None else tuple(msg.ids), msg.k, msg.top_k)
-    # embed / embed_batch
+        return _archive_request(msg, spec, buffers)
+    return _embed_request(msg, spec, buffers, defaults.reply)
+
+
+def _search_request(msg: _SearchMessage, spec: AudioSpec, buffers: list[bytes]) -> SearchRequest:
+    embedding = None if msg.embedding is None else _vectors(msg.embedding, "embedding", True)
+    if len(buffers) + (embedding is not None) > 1 or not (buffers or embedding is not None or msg.text):
+        raise _rejected(ErrorCode.BAD_REQUEST, "search needs text, and/or one of audio_buffer or embedding")
+    return SearchRequest(msg.id, msg.text, buffers, spec, embedding, msg.top_k, msg.alpha,
+                         tuple(msg.tags or ()), msg.library)
+
+
+def _archive_request(msg: _ArchiveMessage, spec: AudioSpec, buffers: list[bytes]) -> ArchiveRequest:
+    sources = [msg.embeddings is not None, msg.embedding is not None, bool(buffers)]
+    if sum(sources) != 1:
+        raise _rejected(ErrorCode.BAD_REQUEST,
+                        f"{msg.op} needs exactly one of embeddings, embedding, audio_buffer or audio_buffers")
+    vectors = None
+    if msg.embeddings is not None:
+        vectors = _vectors(msg.embeddings, "embeddings")
+    elif msg.embedding is not None:
+        vectors = _vectors(msg.embedding, "embedding", True)
+    count = len(vectors) if vectors is not None else len(buffers)
+    if msg.ids is not None and (msg.op != "archive_add" or len(msg.ids) != count):
+        raise _rejected(ErrorCode.BAD_REQUEST, f"ids must be given only with archive_add, one per item ({count})")
+    return ArchiveRequest(msg.op, msg.id, msg.archive, vectors, buffers, spec,
+                          None if msg.ids is None else tuple(msg.ids), msg.k, msg.top_k)
+
+
+def _embed_request(msg: _Scoring, spec: AudioSpec, buffers: list[bytes], default_reply: str) -> EmbedRequest:
+    """``embed`` and ``embed_batch``."""
     scoring = Scoring(
         prompts=tuple(msg.prompts or ()), probs=msg.probs,
-        references=None if msg.references is None else _vectors(msg.references, "references", request_id),
+        references=None if msg.references is None else _vectors(msg.references, "references"),
         top_k=msg.top_k or 0, library=msg.library, tags=tuple(msg.tags or ()), archive=msg.archive, k=msg.k,
         archive_add=msg.archive_add, ids=None if msg.ids is None else tuple(msg.ids),
     )
     if msg.probs and not msg.prompts:
-        raise _rejected("bad_request", "probs needs prompts", request_id)
+        raise _rejected(ErrorCode.BAD_REQUEST, "probs needs prompts")
     if msg.archive_add and not msg.archive:
-        raise _rejected("bad_request", "archive_add needs archive", request_id)
+        raise _rejected(ErrorCode.BAD_REQUEST, "archive_add needs archive")
     if scoring.ids is not None and (not msg.archive_add or len(scoring.ids) != len(buffers)):
-        raise _rejected("bad_request", "ids go with archive_add, one per audio buffer", request_id)
-    reply = msg.reply or defaults.reply
+        raise _rejected(ErrorCode.BAD_REQUEST, "ids go with archive_add, one per audio buffer")
+    reply = msg.reply or default_reply
     if reply == "binary" and scoring.active:
-        raise _rejected("bad_request", "binary replies carry embeddings only; ask for prompts, references, "
-                        "top_k or archive with reply=json", request_id)
+        raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for prompts, references, "
+                        "top_k or archive with reply=json")
     return EmbedRequest(buffers, spec, reply, msg.id, isinstance(msg, _EmbedBatchMessage), scoring)
 
 
@@ -436,6 +453,6 @@ def ok_reply(op: str, body: dict, request_id: Any) -> bytes:
 
 
 def error_reply(error: ClapError, request_id: Any = None) -> bytes:
-    request_id = getattr(error, "request_id", request_id)
-    return _dumps({"status": "ERROR", "error": {"code": error.code, "message": error.message},
+    request_id = request_id if error.request_id is None else error.request_id
+    return _dumps({"status": "ERROR", "error": {"code": ErrorCode(error.code).value, "message": error.message},
                    "id": request_id})

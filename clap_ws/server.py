@@ -43,7 +43,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from . import __version__
-from .errors import ClapError, ShuttingDown
+from .errors import ClapError, ErrorCode, ShuttingDown
 from .model.clap import ClapModel
 from .projection import Projection
 from .protocol import (
@@ -238,7 +238,7 @@ class ClapServer:
         descriptor = url.path == DESCRIPTOR_PATH
         if url.path not in PATHS and not (descriptor and self.service.projection is not None):
             hint = " (this server has no --projection)" if descriptor else ""
-            error = ClapError(f"unknown path {url.path!r}{hint}; connect to /clap", code="not_found")
+            error = ClapError(f"unknown path {url.path!r}{hint}; connect to /clap", code=ErrorCode.NOT_FOUND)
             await ws.send(error_reply(error), text=True)
             await ws.close(4404, "unknown path")
             return

@@ -33,7 +33,7 @@ import numpy as np
 from .audio import load, windows
 from .batching import MicroBatcher
 from .cpu import instruction_set
-from .errors import ClapError
+from .errors import ClapError, ErrorCode
 from .inference import AudioJob, Inference, TextJob
 from .model.clap import ClapModel, model_identity
 from .projection import Projection
@@ -166,12 +166,12 @@ class Service:
 
     def _library(self, name: str | None) -> list[Library]:
         if not self.libraries:
-            raise ClapError("no library is loaded; start the server with --library FILE", code="no_library")
+            raise ClapError("no library is loaded; start the server with --library FILE", code=ErrorCode.NO_LIBRARY)
         if name is None:
             return list(self.libraries.values())
         if name not in self.libraries:
             raise ClapError(f"no library named {name!r} (loaded: {', '.join(self.libraries)})",
-                            code="unknown_library")
+                            code=ErrorCode.UNKNOWN_LIBRARY)
         return [self.libraries[name]]
 
     @staticmethod

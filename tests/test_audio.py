@@ -6,7 +6,7 @@ from conftest import chirp, noise, tone
 
 from clap_ws.audio import AudioSpec, decode_pcm, load, quantize, window_starts, windows
 from clap_ws.constants import WINDOW_SAMPLES
-from clap_ws.errors import AudioError
+from clap_ws.errors import AudioError, ErrorCode
 
 
 def dominant_hz(x: np.ndarray, sr: int) -> float:
@@ -65,13 +65,13 @@ def test_bad_buffers_are_refused_with_a_reason(data, channels, code, words):
 def test_rate_out_of_range(rate):
     with pytest.raises(AudioError, match="out of range") as info:
         load(tone(seconds=0.1).tobytes(), AudioSpec(sample_rate=rate), 60)
-    assert info.value.code == "bad_sample_rate"
+    assert info.value.code == ErrorCode.BAD_SAMPLE_RATE
 
 
 def test_too_long_is_refused_before_resampling():
     with pytest.raises(AudioError, match="at most 5 s") as info:
         load(noise(sr=16000, seconds=6).tobytes(), AudioSpec(sample_rate=16000), 5)
-    assert info.value.code == "too_long"
+    assert info.value.code == ErrorCode.TOO_LONG
 
 
 def test_decode_is_little_endian_float32():

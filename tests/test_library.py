@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clap_ws.build import build, scan
-from clap_ws.errors import ModelError
+from clap_ws.errors import ErrorCode, ModelError
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.search.index import VectorIndex
 from clap_ws.search.library import Library
@@ -274,13 +274,13 @@ async def test_library_errors(model, lib_server):
         neither = await ask(ws, {"op": "search", "top_k": 3})
         both = await ask(ws, {"op": "search", "embedding": [0.1] * 512, "audio_buffer": b64(tone())})
         short = await ask(ws, {"op": "search", "embedding": [0.1] * 511})
-    assert unknown["error"]["code"] == "unknown_library" and "sounds" in unknown["error"]["message"]
-    assert neither["error"]["code"] == both["error"]["code"] == short["error"]["code"] == "bad_request"
+    assert unknown["error"]["code"] == ErrorCode.UNKNOWN_LIBRARY and "sounds" in unknown["error"]["message"]
+    assert neither["error"]["code"] == both["error"]["code"] == short["error"]["code"] == ErrorCode.BAD_REQUEST
     async with running_server(model) as bare:
         async with connect(bare) as ws:
             reply = await ask(ws, {"op": "search", "text": "x"})
             embed = await ask(ws, {"audio_buffer": b64(tone()), "top_k": 3})
-    assert reply["error"]["code"] == embed["error"]["code"] == "no_library"
+    assert reply["error"]["code"] == embed["error"]["code"] == ErrorCode.NO_LIBRARY
 
 
 def test_scan_is_recursive_and_filters_extensions(folder):

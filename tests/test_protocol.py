@@ -2,11 +2,13 @@
 
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
-from clap_ws.errors import ClapError
+from clap_ws.errors import ClapError, ErrorCode
 from clap_ws.protocol import (
     EmbedRequest,
     InfoRequest,
@@ -100,3 +102,11 @@ def test_embedding_reply_shapes():
     raw, text = embedding_reply(EmbedRequest([b""], DEFAULTS.spec, reply="binary"), emb[:1], model="m",
                                 seconds=0, queue_ms=0, model_ms=0)
     assert not text and np.array_equal(np.frombuffer(raw, "<f4"), emb[0])
+
+
+def test_protocol_md_lists_exactly_the_error_codes():
+    text = (ROOT / "PROTOCOL.md").read_text()
+    table = text[text.index("### Errors"):text.index("## Audio handling")]
+    listed = {code for row in re.findall(r"^\| (`[a-z0-9_]+`(?: / `[a-z0-9_]+`)*) \|", table, re.M)
+              for code in re.findall(r"`([a-z0-9_]+)`", row)}
+    assert listed == {code.value for code in ErrorCode}

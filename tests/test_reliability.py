@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect as sync_connect
 
+from clap_ws.errors import ErrorCode
 from clap_ws.server import ClapServer, ServerConfig
 
 DOCUMENTED_CODES = {"bad_json", "bad_request", "unknown_op", "bad_base64", "bad_audio", "bad_sample_rate", "too_long",
@@ -184,7 +185,7 @@ def test_fuzz_totals_and_memory(fuzz_server):
     with sync_connect(fuzz_server.url) as ws:
         for i in range(300):
             ws.send(json.dumps({"audio_buffer": "!" * 1_000_000, "id": i}))
-            assert json.loads(ws.recv(timeout=TIMEOUT))["error"]["code"] == "bad_base64"
+            assert json.loads(ws.recv(timeout=TIMEOUT))["error"]["code"] == ErrorCode.BAD_BASE64
         ws.send(tone(seconds=0.5).tobytes())
         assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
     gc.collect()
@@ -406,7 +407,7 @@ def test_exception_inside_inference_fails_that_batch_only(model):
                                                                                   "id": i})]) for i in range(4)))
             first = [r[0] for r in asyncio.run(run())]
             failed = [r for r in first if r["status"] == "ERROR"]
-            assert failed and all(r["error"]["code"] == "internal" and "injected" in r["error"]["message"] for r in failed)
+            assert failed and all(r["error"]["code"] == ErrorCode.INTERNAL and "injected" in r["error"]["message"] for r in failed)
             after = asyncio.run(run())
             assert all(r[0]["status"] == "OK" for r in after)  # the next batches are served
         finally:
@@ -437,7 +438,7 @@ def test_dead_worker_health_503_then_restarted(model):
             with sync_connect(srv.url) as ws:
                 ws.send(tone(seconds=0.3).tobytes())
                 reply = json.loads(ws.recv(timeout=TIMEOUT))  # the batch gets an answer, not a hang
-            assert reply["error"]["code"] == "internal" and "restarted" in reply["error"]["message"]
+            assert reply["error"]["code"] == ErrorCode.INTERNAL and "restarted" in reply["error"]["message"]
             srv.server.batcher._thread.join(10)
             assert health(srv.port) == 503  # dead, and health says so
             with sync_connect(srv.url) as ws:  # requests still queue while it is down

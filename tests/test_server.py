@@ -12,6 +12,7 @@ import pytest
 import websockets
 from conftest import ask, chirp, connect, cosine, noise, running_server, tone, url
 
+from clap_ws.errors import ErrorCode
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.server import ClapServer, ServerConfig
 
@@ -90,7 +91,7 @@ async def test_ids_on_pipelined_json_and_mixed_frames(server):
         await ws.send("not json")
         replies = [json.loads(await ws.recv()) for _ in range(12)]
     assert [r["id"] for r in replies] == [f"r{i}" for i in range(10)] + ["info", None]
-    assert replies[-1]["error"]["code"] == "bad_json"
+    assert replies[-1]["error"]["code"] == ErrorCode.BAD_JSON
 
 
 async def test_binary_reply_format(server):
@@ -171,7 +172,7 @@ async def test_bad_query_errors_each_binary_frame_but_json_still_works(server):
     async with connect(server, query="sample_rate=abc") as ws:
         bad = await ask(ws, tone(seconds=0.2).tobytes())
         good = await ask(ws, {"audio_buffer": b64(tone(seconds=0.2)), "sample_rate": 48000})
-    assert bad["error"]["code"] == "bad_request" and "sample_rate" in bad["error"]["message"]
+    assert bad["error"]["code"] == ErrorCode.BAD_REQUEST and "sample_rate" in bad["error"]["message"]
     assert good["status"] == "OK"
 
 
@@ -183,7 +184,7 @@ async def test_paths(server):
         reply = json.loads(await ws.recv())
         with pytest.raises(websockets.ConnectionClosed):
             await ws.recv()
-    assert reply["error"]["code"] == "not_found" and "/clap" in reply["error"]["message"]
+    assert reply["error"]["code"] == ErrorCode.NOT_FOUND and "/clap" in reply["error"]["message"]
     assert ws.close_code == 4404
 
 
@@ -235,7 +236,7 @@ async def test_busy_when_queue_is_full(model):
             replies = [json.loads(await ws.recv()) for _ in range(12)]
         assert [r["id"] for r in replies] == list(range(12))  # every request answered, in order
         busy = [r for r in replies if r["status"] == "ERROR"]
-        assert busy and all(r["error"]["code"] == "busy" for r in busy)
+        assert busy and all(r["error"]["code"] == ErrorCode.BUSY for r in busy)
         assert sum(r["status"] == "OK" for r in replies) >= 2
         async with connect(server) as ws:  # and the server goes on serving
             assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
@@ -340,7 +341,7 @@ async def test_64_mib_frames_are_read_and_bigger_ones_close_with_1009(model):
     async with running_server(model, max_frame_mb=64) as server:
         async with connect(server) as ws:
             reply = await ask(ws, np.zeros(16 * 1024 * 1024, np.float32).tobytes())  # 64 MiB
-            assert reply["error"]["code"] == "too_long"  # read whole, answered, still open
+            assert reply["error"]["code"] == ErrorCode.TOO_LONG  # read whole, answered, still open
             assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
         ws = await connect(server)
         await ws.send(np.zeros(16 * 1024 * 1024 + 1, np.float32).tobytes())

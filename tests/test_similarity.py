@@ -11,7 +11,7 @@ import torch
 from conftest import ask, chirp, connect, noise, running_server, tone
 
 from clap_ws.audio import windows
-from clap_ws.errors import TextUnavailable
+from clap_ws.errors import ErrorCode, TextUnavailable
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.inference import AudioJob, Inference, Result, TextJob
 from clap_ws.model import ClapModel
@@ -163,7 +163,7 @@ async def test_text_without_tokenizer_fails_clearly_and_audio_goes_on(model):
             text = await ask(ws, {"op": "embed_text", "texts": ["a bell"]})
             prompts = await ask(ws, {"audio_buffer": b64(tone(seconds=0.5)), "prompts": ["a bell"]})
             audio = await ask(ws, tone(seconds=0.5).tobytes())
-    assert text["error"]["code"] == prompts["error"]["code"] == "text_unavailable"
+    assert text["error"]["code"] == prompts["error"]["code"] == ErrorCode.TEXT_UNAVAILABLE
     assert "clap-ws download" in text["error"]["message"]
     assert audio["status"] == "OK"
 
@@ -196,7 +196,7 @@ async def test_archive_ops_and_novelty_against_brute_force(server):
     assert found["matches"][0][0] == {"id": "g0-5", "score": pytest.approx(1, abs=1e-5)}
     assert len(found["matches"][0]) == 3 and found["matches"][0][1]["id"] != "g0-5"
     assert "run-17" in [a["archive"] for a in listing["archives"]]
-    assert dropped["dropped"] == 200 and gone["error"]["code"] == "unknown_archive"
+    assert dropped["dropped"] == 200 and gone["error"]["code"] == ErrorCode.UNKNOWN_ARCHIVE
 
 
 async def test_archive_errors(server):
@@ -293,7 +293,7 @@ async def test_projection_torchscript_and_missing_projection(model, server, tmp_
     ws = await connect(server, path="/clap-bd")  # no --projection: refused like any unknown path
     err = json.loads(await ws.recv())
     await ws.wait_closed()
-    assert err["error"]["code"] == "not_found" and "--projection" in err["error"]["message"]
+    assert err["error"]["code"] == ErrorCode.NOT_FOUND and "--projection" in err["error"]["message"]
     assert ws.close_code == 4404
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..constants import EMBED_DIM
-from ..errors import ClapError
+from ..errors import ClapError, ErrorCode
 from ..similarity import unit
 from .index import VectorIndex
 from .storage import read_npz, write_npz
@@ -39,7 +39,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ArchiveError(ClapError):
-    code = "archive_error"
+    code = ErrorCode.ARCHIVE_ERROR
 
 
 class Archive:
@@ -56,7 +56,7 @@ class Archive:
 
     def add(self, vectors: np.ndarray, ids: list | None) -> None:
         if ids is not None and len(ids) != len(vectors):
-            raise ArchiveError(f"{len(ids)} ids for {len(vectors)} embeddings", code="bad_request")
+            raise ArchiveError(f"{len(ids)} ids for {len(vectors)} embeddings", code=ErrorCode.BAD_REQUEST)
         start = len(self)
         self.index.add(unit(vectors))
         self.ids.extend(ids if ids is not None else range(start, start + len(vectors)))
@@ -65,7 +65,7 @@ class Archive:
     def _check_k(self, k: int) -> None:
         if k > len(self):
             raise ArchiveError(f"k={k} is larger than archive {self.name!r}, which holds {len(self)} items",
-                               code="k_too_large")
+                               code=ErrorCode.K_TOO_LARGE)
 
     def novelty(self, queries: np.ndarray, k: int) -> list[float]:
         self._check_k(k)
@@ -104,14 +104,14 @@ class Archives:
     def get(self, name: str, create: bool = False) -> Archive:
         if not NAME.match(name):
             raise ArchiveError(f"archive name {name!r} must be 1-64 letters, digits, '.', '_' or '-'",
-                               code="bad_request")
+                               code=ErrorCode.BAD_REQUEST)
         archive = self._archives.get(name)
         if archive is None:
             if not create:
                 raise ArchiveError(f"no archive named {name!r} (known: {', '.join(self.names()) or 'none'})",
-                                   code="unknown_archive")
+                                   code=ErrorCode.UNKNOWN_ARCHIVE)
             if len(self._archives) >= self.max_archives:
-                raise ArchiveError(f"this server holds at most {self.max_archives} archives", code="too_many_items")
+                raise ArchiveError(f"this server holds at most {self.max_archives} archives", code=ErrorCode.TOO_MANY_ITEMS)
             archive = self._archives[name] = Archive(name)
         return archive
 
