@@ -52,7 +52,8 @@ BUDGET_MS = 100.0
 ROUNDS = 3  # paired rounds for the 16-client throughput ratio
 BASELINE = "naive fp32, 16 clients, one-shot"
 PAIRED = (BASELINE, "clap-ws, 16 clients", "clap-ws --compile, 16 clients", "clap-ws --engine openvino, 16 clients")
-VARIANTS = (("clap-ws", ""), ("clap-ws --compile", " [--compile]"), ("clap-ws --engine openvino", " [--engine openvino]"))
+VARIANTS = (("clap-ws", ""), ("clap-ws --compile", " [--compile]"),
+            ("clap-ws --engine openvino", " [--engine openvino]"))
 
 
 def sound(seconds: float, rate: int, seed: int) -> np.ndarray:

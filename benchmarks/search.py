@@ -12,10 +12,11 @@ was before its int8 pre-scans). ``flat`` must reach recall 1.000: it is exact.
 ``--data random`` uses uniformly random unit vectors and queries instead: the
 worst case for exact search, where no item stands out and no dimension can be
 skipped. For ``flat`` it also reports which share of queries the leading-
-dimension first pass answered (see ``clap_ws.scan``) and which pre-scan kernel ran
+dimension first pass answered (see ``clap_ws.search.scan``) and which pre-scan kernel ran
 (``int8``, or ``int8-7bit`` on CPUs without VNNI). Every report names the CPU's
-instruction set: run it as an AVX2 CPU with ``ONEDNN_MAX_CPU_ISA=AVX2``. Torch runs serially, as on the server's index thread (see
-``clap_ws.scan.single_threaded``); numpy's BLAS keeps its threads.
+instruction set: run it as an AVX2 CPU with ``ONEDNN_MAX_CPU_ISA=AVX2``. Torch
+runs serially, as on the server's index thread (see
+``clap_ws.search.scan.single_threaded``); numpy's BLAS keeps its threads.
 Uses clap-ws's own VectorIndex, as the server does.
 """
 
@@ -42,7 +43,8 @@ def synthetic(n: int, queries: int, latent: int = 24, seed: int = 0):
     z_all = rng.standard_normal((n, latent)).astype("f4")
     for start in range(0, n, 100_000):  # in chunks: 1M x 512 floats is 2 GB already
         z = z_all[start : start + 100_000]
-        vectors[start : start + len(z)] = unit(z @ basis + 0.15 * np.sqrt(latent) * rng.standard_normal((len(z), 512)).astype("f4"))
+        noise = rng.standard_normal((len(z), 512)).astype("f4")
+        vectors[start : start + len(z)] = unit(z @ basis + 0.15 * np.sqrt(latent) * noise)
     picks = rng.integers(0, n, queries)
     q = unit((z_all[picks] + 0.3 * rng.standard_normal((queries, latent)).astype("f4")) @ basis)
     return vectors, q
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--data", choices=["embeddings", "random"], default="embeddings",
                         help="CLAP-like synthetic embeddings (default) or uniformly random unit vectors")
-    parser.add_argument("--indexes", nargs="+", choices=["f32 scan", "flat", "hnsw"], default=["f32 scan", "flat", "hnsw"])
+    parser.add_argument("--indexes", nargs="+", choices=["f32 scan", "flat", "hnsw"],
+                        default=["f32 scan", "flat", "hnsw"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     single_threaded()  # torch as on the server's index thread: serial, beside the model (numpy's BLAS unchanged)

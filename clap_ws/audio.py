@@ -93,7 +93,9 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
     with np.errstate(invalid="ignore", over="ignore"):
         total = frames.sum(dtype=np.float64)
     if not np.isfinite(total):  # float64 cannot overflow here, so only NaN/inf samples do this
-        raise AudioError("the audio contains NaN or infinite samples")
+        raise AudioError("the audio contains NaN or infinite samples: clap-ws reads little-endian float32 "
+                         "samples in [-1, 1], and 16-bit integer PCM read as float32 looks like this "
+                         "(send int16 samples / 32768 as float32)")
     mono = to_mono(frames)
     if spec.sample_rate != SAMPLE_RATE:
         mono = soxr.resample(mono, spec.sample_rate, SAMPLE_RATE, quality="HQ")
@@ -102,6 +104,27 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
         if peak > 0:
             mono = mono / np.float32(peak)
     return mono
+
+
+def sample_warnings(data: bytes | bytearray | memoryview, spec: AudioSpec) -> list[str]:
+    """What a client should hear about samples that were accepted: those beyond [-1, 1], which CLAP clips.
+
+    laion-clap quantises to int16 and so clips at full scale; a client sending
+    unscaled integers or gain-boosted audio gets an embedding of something
+    else, so the reply says so instead of clipping without notice. Call it on
+    a buffer :func:`load` accepted.
+    """
+    frames = decode_pcm(data, spec.channels)
+    if spec.normalize == "peak":
+        return []  # scaled to full scale before clipping: nothing is lost
+    beyond = int(np.count_nonzero(np.abs(frames) > 1.0))
+    if not beyond:
+        return []
+    peak = float(np.abs(frames).max())
+    hint = (" (they look like integer PCM: send samples / 32768 as float32)" if peak >= 256
+            else "; send float32 in [-1, 1], or normalize=peak")
+    return [f"{beyond} of {frames.size} samples ({beyond / frames.size:.1%}) were beyond [-1, 1] "
+            f"(peak {peak:.3g}) and were clipped{hint}"]
 
 
 def quantize(clip: np.ndarray) -> np.ndarray:

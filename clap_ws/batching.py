@@ -11,8 +11,7 @@ and settles the futures back on the loop. The loop never runs the model.
 Batches form without waiting: while the model runs, new requests queue, and
 the worker takes all of them (up to ``max_batch``) when it is free. The
 default ``max_wait_ms`` is therefore 0; a wait only adds latency when the
-model is idle (measured, 2-core CPU: 1 client p50 67 ms with 0 vs 74 ms with
-2 ms, 16 clients 16.4 vs 14.7 sounds/s). Raise it where a batch costs little
+model is idle (``docs/experiments.md``). Raise it where a batch costs little
 more than one item (a GPU) and clients arrive in bursts.
 
 Why a thread: torch releases the GIL in its kernels, a thread shares the
@@ -34,8 +33,9 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import Busy, ClapError, ErrorCode
 

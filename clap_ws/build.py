@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .audio import AudioSpec, prepare, windows
 from .constants import EMBED_DIM
 from .errors import ClapError, ErrorCode, ModelError
-from .inference import AudioJob, Inference
+from .inference import AudioJob, Inference, Result
 from .model.checkpoint import sha256_of
 from .model.clap import ClapModel, model_identity
 from .search.index import HNSW_THRESHOLD, VectorIndex, choose_kind
@@ -78,10 +78,13 @@ def _journal_dir(out: Path) -> Path:
 
 
 def _read_journal(journal: Path) -> tuple[list[dict], list[np.ndarray]]:
-    items, vectors = [], []
+    items: list[dict] = []
+    vectors: list[np.ndarray] = []
     for chunk in sorted(journal.glob("chunk-*.npz")):
         try:
             meta, arrays = read_npz(chunk)
+            if not isinstance(meta, list):
+                raise ValueError("its metadata is not a list of items")
             items.extend(meta)
             vectors.append(arrays["embeddings"])
         except Exception as exc:  # a chunk is written atomically, so this is outside damage
@@ -145,7 +148,7 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
             jobs.append(AudioJob([wins]))
         if jobs:
             results = inference(jobs)
-            vectors = np.stack([r.embeddings[0] for r in results])
+            vectors = np.stack([r.embeddings[0] for r in results if isinstance(r, Result)])
             write_npz(journal / f"chunk-{chunk_no:06d}.npz", metas, embeddings=vectors)
             chunk_no += 1
             for meta, vec in zip(metas, vectors):
@@ -158,7 +161,8 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
 
     order = [p.relative_to(root).as_posix() for p in files]
     items = [keep[rel][0] for rel in order if rel in keep]
-    vectors = np.stack([keep[rel][1] for rel in order if rel in keep]) if items else np.zeros((0, EMBED_DIM), np.float32)
+    vectors = (np.stack([keep[rel][1] for rel in order if rel in keep]) if items
+               else np.zeros((0, EMBED_DIM), np.float32))
     kind = choose_kind(len(items), index, hnsw_threshold)
     Library(out.name, identity, items, VectorIndex(vectors, kind), str(root)).save(out)
     for chunk in journal.glob("*"):

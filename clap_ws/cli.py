@@ -38,7 +38,7 @@ _SERVER_HELP = {
     "max_batch": "most requests gathered into one batch (default %(default)s)",
     "max_wait_ms": "how long a batch waits for more requests (default %(default)s ms)",
     "max_queue": "requests waiting for the model before replies are `busy` (default %(default)s)",
-    "max_items": "most buffers in one embed_batch request (default %(default)s)",
+    "max_items": "most buffers, embeddings, texts, prompts or references in one request (default %(default)s)",
     "max_frame_mb": "largest WebSocket frame in MiB; larger closes with 1009 (default %(default)s)",
     "max_pipeline": "unanswered requests per connection before it stops being read (default %(default)s)",
     "max_connections": "open connections before new ones close with 1013 (default %(default)s)",
@@ -62,20 +62,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="random weights, same architecture: for tests and latency work only")
     group.add_argument("--seed", type=int, default=0, help="seed of --untrained weights (default 0)")
     group.add_argument("--audio-model", default="HTSAT-tiny", choices=["HTSAT-tiny", "HTSAT-base", "HTSAT-large"],
-                       help="architecture of --untrained (checkpoints are detected)")
+                       help="audio architecture of --untrained weights (HTSAT-tiny, -base or -large; a checkpoint's "
+                            "is read from the file)")
     group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default $CLAP_DEVICE, else auto)")
     group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+                       help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32")
     group.add_argument("--chunk", type=int, default=0, metavar="N",
                        help="windows per network call (default auto: 4 on a CPU, 32 on a GPU)")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the audio and text towers at warm-up (2-core CPU: audio ~25%% less "
-                            "time, text about the same; about 2.5 minutes of compiling at start)")
+                       help="torch.compile the audio and text towers at warm-up: less audio time per window on "
+                            "a CPU, for minutes of compiling at start (docs/performance.md)")
     group.add_argument("--engine", default="torch", choices=ENGINES,
                        help="what runs the audio encoder: torch (default), or openvino: compiled by OpenVINO "
-                            "after the spectrogram (CPU, non-fusion; in a 2-core server: model time 0.82x in fp32, "
-                            "0.88-0.97x in bf16; about 15 s more at start and 1.1 GB more memory; "
-                            "pip install 'clap-ws[openvino]')")
+                            "after the spectrogram (CPU, non-fusion; less model time, more memory and a slower "
+                            "start: docs/performance.md; pip install 'clap-ws[openvino]')")
     group.add_argument("--cache-dir", help="where checkpoints live (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     group.add_argument("--tokenizer", metavar="DIR",
                        help="roberta-base tokenizer folder (default $CLAP_TOKENIZER_DIR, the cache, the HF cache)")
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="clap-ws", description="LAION-CLAP embeddings over WebSocket")
     parser.add_argument("--version", action="version", version=f"clap-ws {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="what the log shows (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve embeddings over WebSocket")
@@ -130,12 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     build = lib_sub.add_parser("build", help="embed every audio file below DIR into the library file LIB")
     build.add_argument("folder", metavar="DIR")
     build.add_argument("--out", required=True, metavar="LIB", help="library file to create or update")
-    build.add_argument("--batch", type=int, default=16, help="files per model call and journal chunk (default 16)")
+    build.add_argument("--batch", type=int, default=16,
+                       help="files per model call and journal chunk (default %(default)s)")
     build.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw"],
                        help="auto: exact (flat) up to --hnsw-threshold items, HNSW above")
     build.add_argument("--hnsw-threshold", type=int, default=HNSW_THRESHOLD,
                        help="items above which auto picks HNSW (default %(default)s)")
-    build.add_argument("--max-seconds", type=float, default=600.0, help="skip longer files (default 600)")
+    build.add_argument("--max-seconds", type=float, default=600.0,
+                       help="skip files longer than this, in seconds (default %(default)s: a folder's recordings, "
+                            "not one client's clip as with serve --max-seconds)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(build)
     show = lib_sub.add_parser("info", help="print a library's summary as JSON")
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", nargs="?", default=DEFAULT_CHECKPOINT,
                        help="one of: " + ", ".join(KNOWN_CHECKPOINTS) + " (default %(default)s)")
     fetch.add_argument("--cache-dir", help="destination (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
-    fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default 15)")
+    fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default %(default)s)")
     return parser
 
 

@@ -16,6 +16,7 @@ texts go through the network at once is the model's business (its
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,9 @@ class Result:
     model_ms: float
 
 
+_PENDING = Exception("no result")  # a placeholder every job replaces
+
+
 class Inference:
     """Batch handler: ``list[AudioJob | TextJob] -> list[Result | Exception]``."""
 
@@ -54,30 +58,36 @@ class Inference:
         self.model = model
         self.text_calls = 0  # batches whose texts went through the model (in calls of up to 64 texts)
 
-    def __call__(self, jobs: list[AudioJob | TextJob]) -> list[Result | Exception]:
+    def __call__(self, jobs: Sequence[AudioJob | TextJob]) -> list[Result | Exception]:
+        """One result per job, in order: a :class:`Result`, or the exception that failed a text job.
+
+        An exception from the audio side propagates and fails the whole batch
+        (the batcher answers each of its requests with it); a text failure
+        (no tokenizer) fails the text jobs only.
+        """
         started = time.perf_counter()
-        results: list[Result | Exception | None] = [None] * len(jobs)
-        audio = [i for i, job in enumerate(jobs) if isinstance(job, AudioJob)]
+        results: list[Result | Exception] = [_PENDING] * len(jobs)
+        audio = [(i, job) for i, job in enumerate(jobs) if isinstance(job, AudioJob)]
         if audio:
-            vectors = self._embed_audio([jobs[i] for i in audio])
+            clips = self._embed_audio([job for _, job in audio])
             model_ms = (time.perf_counter() - started) * 1000
-            for i, emb in zip(audio, vectors):
-                results[i] = Result(emb, (started - jobs[i].enqueued) * 1000, model_ms)
-        texts = [i for i, job in enumerate(jobs) if isinstance(job, TextJob)]
+            for (i, job), emb in zip(audio, clips):
+                results[i] = Result(emb, (started - job.enqueued) * 1000, model_ms)
+        texts = [(i, job) for i, job in enumerate(jobs) if isinstance(job, TextJob)]
         if texts:
             text_started = time.perf_counter()
             try:  # one model call for every text in the batch
-                vectors = self.model.embed_text([text for i in texts for text in jobs[i].texts])
+                vectors = self.model.embed_text([text for _, job in texts for text in job.texts])
             except Exception as exc:  # e.g. no tokenizer: it fails every text job, and no audio job
-                for i in texts:
+                for i, _ in texts:
                     results[i] = exc
             else:
                 self.text_calls += 1
                 model_ms = (time.perf_counter() - text_started) * 1000
                 start = 0
-                for i in texts:
-                    count = len(jobs[i].texts)
-                    results[i] = Result(vectors[start : start + count], (text_started - jobs[i].enqueued) * 1000,
+                for i, text_job in texts:
+                    count = len(text_job.texts)
+                    results[i] = Result(vectors[start : start + count], (text_started - text_job.enqueued) * 1000,
                                         model_ms)
                     start += count
         return results

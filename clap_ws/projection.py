@@ -17,8 +17,8 @@ The file is read once, only from the path the operator gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Projection:
         return np.asarray(self.fn(np.atleast_2d(embeddings).astype(np.float32)), dtype=np.float32)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Projection":
+    def load(cls, path: str | Path) -> Projection:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"projection file {path} does not exist")

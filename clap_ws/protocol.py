@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -44,6 +44,7 @@ from .errors import ClapError, ErrorCode, RequestError
 
 REPLY_FORMATS = ("json", "binary")
 _QUERY_KEYS = ("sample_rate", "channels", "normalize", "long_clip", "reply")
+_OTHER_QUERY_KEYS = ("token",)  # read by the server's handshake, not here
 
 
 # ---- typed requests -------------------------------------------------------
@@ -77,6 +78,7 @@ class EmbedRequest:
     id: Any = None
     batch: bool = False
     scoring: Scoring = Scoring()
+    warnings: tuple[str, ...] = ()  # about the request itself (e.g. unknown URL query keys)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class InfoRequest:
     id: Any = None
 
 
-Request = Union[EmbedRequest, TextRequest, SearchRequest, ArchiveRequest, InfoRequest]
+Request = EmbedRequest | TextRequest | SearchRequest | ArchiveRequest | InfoRequest
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class ConnectionDefaults:
     spec: AudioSpec = AudioSpec()
     reply: str = "json"
     error: ClapError | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = ()  # unknown query keys, named in every JSON reply to a binary frame
 
 
 # ---- JSON message schemas (validation only) -------------------------------
@@ -220,7 +223,8 @@ class _InfoMessage(_Message):
     op: Literal["info"]
 
 
-_SCHEMAS = {"embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_text": _EmbedTextMessage,
+_SCHEMAS: dict[str, type[_Message]] = {
+            "embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_text": _EmbedTextMessage,
             "search": _SearchMessage, "archive_add": _ArchiveMessage, "novelty": _ArchiveMessage,
             "archive_search": _ArchiveMessage, "archive_info": _ArchiveInfoMessage,
             "archive_drop": _ArchiveDropMessage, "info": _InfoMessage}
@@ -245,7 +249,7 @@ def _b64(text: str, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise _rejected("bad_base64", f"{where} is not valid base64") from None
+        raise _rejected(ErrorCode.BAD_BASE64, f"{where} is not valid base64") from None
 
 
 # ---- parsing ------------------------------------------------------------------
@@ -261,8 +265,16 @@ def _query_value(params: dict, key: str, convert, allowed=None):
 
 
 def parse_query(query: str, default_rate: float) -> ConnectionDefaults:
-    """Read binary-frame options from a URL query; other keys are ignored."""
-    params = {k: v for k, v in parse_qsl(query, keep_blank_values=True) if k in _QUERY_KEYS}
+    """Read binary-frame options from a URL query.
+
+    Unknown keys do not refuse the connection (legacy clients must keep
+    working) but are named in ``warnings``, so ``samplerate=44100`` is not
+    silently read at the default rate.
+    """
+    pairs = parse_qsl(query, keep_blank_values=True)
+    params = {k: v for k, v in pairs if k in _QUERY_KEYS}
+    unknown = sorted({k for k, _ in pairs if k not in _QUERY_KEYS + _OTHER_QUERY_KEYS})
+    warnings = tuple(f"unknown URL query key {key!r} ignored (known: {', '.join(_QUERY_KEYS)})" for key in unknown)
     options: dict[str, Any] = {"sample_rate": default_rate}
     try:
         if "sample_rate" in params:
@@ -276,16 +288,16 @@ def parse_query(query: str, default_rate: float) -> ConnectionDefaults:
         check_rate(options["sample_rate"])
     except ValueError as exc:
         error = RequestError(f"bad URL query parameter: {exc}")
-        return ConnectionDefaults(AudioSpec(sample_rate=default_rate), "json", error)
+        return ConnectionDefaults(AudioSpec(sample_rate=default_rate), "json", error, warnings)
     except ClapError as exc:
-        return ConnectionDefaults(AudioSpec(sample_rate=default_rate), "json", exc)
-    return ConnectionDefaults(AudioSpec(**options), reply)
+        return ConnectionDefaults(AudioSpec(sample_rate=default_rate), "json", exc, warnings)
+    return ConnectionDefaults(AudioSpec(**options), reply, None, warnings)
 
 
 def parse_binary(data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:
     if defaults.error is not None:
         raise defaults.error
-    return EmbedRequest([data], defaults.spec, defaults.reply)
+    return EmbedRequest([data], defaults.spec, defaults.reply, warnings=defaults.warnings)
 
 
 def _vectors(value: Any, where: str, single: bool = False) -> np.ndarray:
@@ -365,6 +377,7 @@ def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Reque
         return TextRequest(tuple(msg.texts), msg.id)
     if isinstance(msg, (_ArchiveInfoMessage, _ArchiveDropMessage)):
         return ArchiveRequest(msg.op, msg.id, msg.archive)
+    assert isinstance(msg, _Audio)  # every other message carries audio options
     spec = _spec(msg, defaults)
     check_rate(spec.sample_rate)
     buffers = _buffers(msg)
@@ -372,6 +385,7 @@ def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Reque
         return _search_request(msg, spec, buffers)
     if isinstance(msg, _ArchiveMessage):
         return _archive_request(msg, spec, buffers)
+    assert isinstance(msg, _Scoring)  # embed and embed_batch
     return _embed_request(msg, spec, buffers, defaults.reply)
 
 

@@ -31,9 +31,9 @@ import hmac
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
-from typing import Awaitable
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -41,6 +41,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
+from websockets.typing import Origin
 
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
@@ -105,7 +106,7 @@ class ClapServer:
     """Serve one resident model over WebSocket. Use ``async with`` or start/shutdown."""
 
     def __init__(self, model: ClapModel, config: ServerConfig = ServerConfig(), *,
-                 libraries: list[Library] = (), archives: Archives | None = None,
+                 libraries: Sequence[Library] = (), archives: Archives | None = None,
                  projection: Projection | None = None):
         self.model = model
         self.config = config
@@ -126,7 +127,7 @@ class ClapServer:
         self.worker_restarts = 0
 
     # ---- life cycle ---------------------------------------------------------
-    async def start(self) -> "ClapServer":
+    async def start(self) -> ClapServer:
         self.batcher.start()
         await asyncio.to_thread(self.batcher.ready.wait)  # warm-up done on the worker thread
         self._server = await serve(
@@ -134,7 +135,7 @@ class ClapServer:
             process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
-            origins=[*self.config.allowed_origins, None] if self.config.allowed_origins else None,
+            origins=[*map(Origin, self.config.allowed_origins), None] if self.config.allowed_origins else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
@@ -169,7 +170,7 @@ class ClapServer:
         await asyncio.to_thread(self.service.close)  # finishes queued work, writes archives
         _log.info("clap-ws stopped: %d batches, %d items served", self.batcher.batches, self.batcher.items)
 
-    async def __aenter__(self) -> "ClapServer":
+    async def __aenter__(self) -> ClapServer:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -207,7 +208,7 @@ class ClapServer:
 
     def _authorized(self, request) -> bool:
         """Constant-time check of the bearer token or ``?token=`` against ``--token``."""
-        expected = self.config.token.encode()
+        expected = (self.config.token or "").encode()
         header = request.headers.get("Authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not given:
@@ -234,6 +235,7 @@ class ClapServer:
 
     # ---- connections ------------------------------------------------------------
     async def _connection(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # the handshake is done before the handler runs
         url = urlsplit(ws.request.path)
         descriptor = url.path == DESCRIPTOR_PATH
         if url.path not in PATHS and not (descriptor and self.service.projection is not None):

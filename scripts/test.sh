@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README.md): install what the tests need, then run them.
 #
-#   ./scripts/test.sh              # everything CI runs: pytest, then the JS client's node --test
-#   ./scripts/test.sh -k server    # extra arguments go to pytest (and skip the JS tests)
+#   ./scripts/test.sh                   # everything CI runs: ruff, mypy, pytest (all tiers), node --test
+#   ./scripts/test.sh -m "not slow"     # the quick tier; extra arguments go to pytest (and skip the JS tests)
 #
 # Creates .venv if there is none. torch is installed first, pinned by TORCH_SPEC
 # (default torch==2.13.0, the CPU wheel on the project's machines), so that the
@@ -15,8 +15,11 @@ venv="$(cd "$venv" && pwd)"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -m pip install --quiet -e ".[test]"
+"$py" -m pip install --quiet -e ".[test,lint,engines]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the suite proves no network is needed
+
+"$py" -m ruff check .
+"$py" -m mypy
 "$py" -m pytest -q "$@"
 
 # The JavaScript client (clients/js): its tests start real servers with this venv's Python.

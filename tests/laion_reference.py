@@ -47,7 +47,7 @@ def offline_transformers():
 
     tokenizer = classmethod(lambda cls, *a, **k: byte_level_tokenizer())
     for name in ("BertTokenizer", "RobertaTokenizer", "BartTokenizer"):
-        setattr(getattr(transformers, name), "from_pretrained", tokenizer)
+        getattr(transformers, name).from_pretrained = tokenizer
     transformers.RobertaModel.from_pretrained = classmethod(
         lambda cls, *a, **k: cls(transformers.RobertaConfig(**ROBERTA_BASE_CONFIG)))
 

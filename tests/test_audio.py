@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import chirp, noise, tone
+from helpers import chirp, noise, tone
 
 from clap_ws.audio import AudioSpec, decode_pcm, load, quantize, window_starts, windows
 from clap_ws.constants import WINDOW_SAMPLES

@@ -5,12 +5,14 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
 
 
 def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--quick",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["server"] for r in data["results"]} == {"naive", "clap-ws auto"}
@@ -37,8 +39,9 @@ def test_ab_runs_two_checkouts_side_by_side():
 
 
 def run_search_benchmark(tmp_path, *options):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), "--sizes", "9000", "--queries", "20",
-                             "--out", str(tmp_path), *options], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), "--sizes", "9000",
+                             "--queries", "20", "--out", str(tmp_path), *options],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return {r["index"]: r for r in json.loads((tmp_path / "search.json").read_text())["results"]}
 
@@ -67,10 +70,14 @@ def test_the_throughput_target_is_judged_on_the_median_of_paired_rounds(monkeypa
     assert latency.paired_ratios(paired, "clap-ws, 16 clients") == [2.0, 3.5, 3.0]
     sixteen = {"name": "clap-ws, 16 clients", "throughput_per_s": 14.0, "queue_p99_ms": 150.0, "model_p50_ms": 100.0}
     assert latency.targets([sixteen], paired) == [
-        ("16 clients: throughput >= 3x the naive baseline", "3.00x (median of 3 paired rounds: 2.00, 3.50, 3.00)", True),
+        ("16 clients: throughput >= 3x the naive baseline",
+         "3.00x (median of 3 paired rounds: 2.00, 3.50, 3.00)", True),
         ("16 clients: no sound waits more than 2 batch times (queue p99 / batch time)", "1.50", True)]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("openvino", "onnxruntime", "onnxscript")),
+                    reason="needs the engines: pip install -e '.[engines]'")
 def test_engines_benchmark_runs_the_exported_encoder_and_matches_torch(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engines.py"), "--rounds", "1",
                              "--iterations", "1", "--windows", "2", "--out", str(tmp_path)],

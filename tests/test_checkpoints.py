@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
+from helpers import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -161,7 +161,8 @@ def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
 def assert_embeddings_close(model: ClapModel, reference: ClapModel) -> None:
     """Sounds of 2, 4 and 10 s and three prompts embed within cosine 0.999 of the reference model's."""
     clips = [tone(seconds=2), noise(seconds=4, seed=9), chirp(seconds=10)]
-    for x, y in zip(CLAPExtractor(model=model).extract_batch(clips), CLAPExtractor(model=reference).extract_batch(clips)):
+    ours, theirs = CLAPExtractor(model=model), CLAPExtractor(model=reference)
+    for x, y in zip(ours.extract_batch(clips), theirs.extract_batch(clips)):
         assert cosine(x, y) >= 0.999
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
     for x, y in zip(model.embed_text(texts), reference.embed_text(texts)):
@@ -187,8 +188,7 @@ def test_the_gpus_autocast_path_stays_close_to_fp32_on_a_cpu(fp32_model, precisi
     users (slow, pointless); the constructor takes a resolved precision.
     """
     fresh = ClapModel.untrained(Architecture("HTSAT-tiny"), seed=0, precision="fp32")  # its own network, to mutate
-    mixed = ClapModel(fresh.net, fresh.architecture, fresh.identity, fresh.device, precision, fresh.tokenizer,
-                      autocast=True)
+    mixed = fresh.variant(precision=precision, autocast=True)
     assert mixed.autocast and not fp32_model.autocast  # a CPU's default: cast once
     assert {p.dtype for p in mixed.net.parameters()} == {torch.float32}  # not cast: autocast casts per call
     assert not any("forward" in vars(m) for m in mixed.net.modules() if type(m) is torch.nn.Linear)  # not packed
@@ -223,7 +223,7 @@ def laion_swin_forwards(branch):
 @pytest.mark.parametrize("architecture", [Architecture("HTSAT-tiny"), Architecture("HTSAT-tiny", "aff_2d")],
                          ids=["plain", "fusion"])
 def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights(architecture):
-    """clap_ws.swin against laion-clap's forwards on the same network: a call of 4 windows (shift masks
+    """clap_ws.model.swin against laion-clap's forwards on the same network: a call of 4 windows (shift masks
     repeated per clip), 1 window, and again after the attention biases change in place."""
     model = ClapModel.untrained(architecture, seed=2, precision="fp32", chunk=4)
     branch = model.net.audio_branch
@@ -256,7 +256,7 @@ def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights(architect
 
 
 def test_roberta_serving_forward_matches_transformers(model):
-    """clap_ws.roberta against transformers' own RobertaModel forward on the same weights (the served
+    """clap_ws.model.roberta against transformers' own RobertaModel forward on the same weights (the served
     precision; one text, and texts of different lengths padded together); other modules are left alone."""
     branch = model.net.text_branch
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack and a bright shimmering tail"]
@@ -286,7 +286,7 @@ def test_cpu_linears_are_packed_once_and_match_plain(name, request):
     if not can_pack_linears(model.device, dtype):
         pytest.skip("packing is for fp32, and for bf16 where oneDNN has native bf16, on a CPU")
     net = model.net
-    fresh = ClapModel(net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
+    fresh = model.variant()
     text, audio = [net.text_branch, net.text_projection], [net.audio_branch, net.audio_projection]
     assert len(packed(net.text_branch)) == 73 and all(all(packed(m)) for m in text)  # 12 layers x 6, pooler
     assert all(packed(m) and all(packed(m)) for m in audio)
@@ -300,7 +300,7 @@ def test_cpu_linears_are_packed_once_and_match_plain(name, request):
     try:
         plain = fresh.embed_text(texts), fresh.embed_windows(windows)
     finally:  # packed again, as the shared fixture was
-        ClapModel(net, model.architecture, model.identity, model.device, model.precision, model.tokenizer)
+        model.variant()
     for fast_rows, plain_rows in zip(fast, plain):
         for x, y in zip(fast_rows, plain_rows):
             assert cosine(x, y) >= 0.9999
@@ -319,7 +319,7 @@ def test_chunked_windows_match_one_at_a_time(fp32_model):
                         tone(seconds=10, freq=880), chirp(seconds=10) * 0.1, noise(seconds=10, seed=3)])
     assert fp32_model.chunk == 4  # auto on a CPU: 7 windows run as 4 + 2 + 1
     together = fp32_model.embed_windows(windows)
-    one = ClapModel(fp32_model.net, fp32_model.architecture, fp32_model.identity, fp32_model.device, "fp32", chunk=1)
+    one = fp32_model.variant(chunk=1)
     alone = one.embed_windows(windows)
     assert together.shape == alone.shape == (7, 512)
     for x, y in zip(together, alone):
@@ -327,7 +327,7 @@ def test_chunked_windows_match_one_at_a_time(fp32_model):
 
 
 def test_many_texts_go_through_in_chunks_with_the_same_result(model, monkeypatch):
-    monkeypatch.setattr("clap_ws.model.TEXT_CHUNK", 2)  # 5 texts run as 2 + 2 + 1
+    monkeypatch.setattr("clap_ws.model.clap.TEXT_CHUNK", 2)  # 5 texts run as 2 + 2 + 1
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack", "kick", "glass breaking"]
     together = model.embed_text(texts)
     assert together.shape == (5, 512) and model.embed_text([]).shape == (0, 512)
@@ -340,8 +340,7 @@ def test_compiled_model_matches_eager(model):
     # on a network of its own: compiling unpacks the linears, and later tests' servers share ``model``'s network
     before = packed(model.net)
     fresh = ClapModel.untrained(model.architecture, seed=0, precision=model.precision)
-    compiled = ClapModel(fresh.net, fresh.architecture, fresh.identity, fresh.device, fresh.precision,
-                         fresh.tokenizer, chunk=1, compile=True)
+    compiled = fresh.variant(chunk=1, compile=True)
     assert not any(packed(fresh.net))  # Inductor packs weights itself; it must not trace ours
     assert packed(model.net) == before
     compiled.warm_up()
@@ -362,4 +361,5 @@ def test_compiled_model_matches_eager(model):
     assert cosine(compiled_one, model.embed_text(["x y z w"])[0]) >= 0.999
     fusion = Architecture("HTSAT-tiny", "aff_2d")
     with pytest.raises(ModelError, match="non-fusion"):
-        ClapModel(model.net, fusion, model.identity, model.device, model.precision, compile=True)
+        ClapModel(net=model.net, architecture=fusion, identity=model.identity, device=model.device,
+                  precision=model.precision, compile=True)

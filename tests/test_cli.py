@@ -4,8 +4,6 @@ import asyncio
 import functools
 import http.server
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,51 +14,11 @@ from pathlib import Path
 
 import pytest
 import websockets
-from conftest import ROOT, noise, tone
+from helpers import ROOT, Served, noise, offline_env, tone
 
 from clap_ws.errors import ModelError
 from clap_ws.model import weights
 from clap_ws.model.tokenizer import byte_level_tokenizer
-
-
-def offline_env(tmp_path, **extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CLAP_WS_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=str(ROOT), PYTHON=sys.executable)
-    env.pop("CLAP_CHECKPOINT_PATH", None)
-    env.update(extra)
-    return env
-
-
-class Served:
-    """A process started in the background; stderr is collected to find its port."""
-
-    def __init__(self, args, env):
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for_port(self, timeout=120) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)/clap", line):
-                    return int(m.group(1))
-            if self.proc.poll() is not None:
-                raise AssertionError("server exited:\n" + "".join(self.lines))
-            time.sleep(0.1)
-        raise AssertionError("server did not start:\n" + "".join(self.lines))
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def test_serve_without_checkpoint_fails_fast_and_says_how_to_fix_it(tmp_path):

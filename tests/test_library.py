@@ -1,6 +1,5 @@
 """Libraries: real audio files, real FAISS indexes, builds killed with SIGKILL, searches over a real server."""
 
-import base64
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ROOT, ask, chirp, connect, cosine, noise, running_server, tone
+from helpers import ROOT, ask, b64, chirp, connect, cosine, noise, running_server, tone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,10 +22,6 @@ from clap_ws.search.library import Library
 from clap_ws.similarity import unit
 
 
-def b64(x):
-    return base64.b64encode(np.asarray(x, "<f4").tobytes()).decode()
-
-
 def write_sounds(root, n_kicks=3, n_pads=3):
     """A small folder of real files in every supported format, nested, plus two bad ones."""
     (root / "drums" / "kicks").mkdir(parents=True)
@@ -34,7 +29,8 @@ def write_sounds(root, n_kicks=3, n_pads=3):
     sr = 22050
     t = np.arange(sr) / sr
     for i in range(n_kicks):
-        sf.write(root / "drums" / "kicks" / f"kick{i}.wav", (0.8 * np.sin(2 * np.pi * (50 + 15 * i) * t) * np.exp(-6 * t)).astype("f4"), sr)
+        kick = 0.8 * np.sin(2 * np.pi * (50 + 15 * i) * t) * np.exp(-6 * t)
+        sf.write(root / "drums" / "kicks" / f"kick{i}.wav", kick.astype("f4"), sr)
     for i in range(n_pads):
         sf.write(root / "pads" / f"pad{i}.flac", (0.3 * np.sin(2 * np.pi * (220 * (i + 1)) * t)).astype("f4"), sr)
     sf.write(root / "pads" / "wide.ogg", 0.1 * np.random.default_rng(0).standard_normal((sr, 2)).astype("f4"), sr)
@@ -241,7 +237,8 @@ async def test_search_by_embedding_audio_text_and_hybrid(lib_server, folder, lib
                                 "sample_rate": sr, "alpha": 0.3, "top_k": 9})
         text_vec = (await ask(ws, {"op": "embed_text", "texts": ["a soft pad"]}))["embeddings"][0]
     assert by_vec["status"] == "OK" and by_vec["id"] == 1 and by_vec["op"] == "search"
-    assert by_vec["matches"][0]["path"] == "pads/pad2.flac" and by_vec["matches"][0]["score"] == pytest.approx(1, abs=1e-5)
+    assert by_vec["matches"][0]["path"] == "pads/pad2.flac"
+    assert by_vec["matches"][0]["score"] == pytest.approx(1, abs=1e-5)
     assert set(by_vec["matches"][0]) == {"path", "score", "tags", "library"}
     assert by_vec["matches"][0]["tags"] == ["pads"] and by_vec["matches"][0]["library"] == "sounds"
     assert by_audio["matches"][0]["path"] == "pads/pad2.flac"

@@ -1,4 +1,4 @@
-"""``--engine openvino``: the audio encoder compiled by OpenVINO gives torch's embeddings, in the model and in a real server."""
+"""``--engine openvino``: the audio encoder compiled by OpenVINO gives torch's embeddings, in the model and a server."""
 
 import asyncio
 import importlib.util
@@ -9,18 +9,31 @@ import numpy as np
 import pytest
 import torch
 import websockets
-from conftest import chirp, cosine, noise, running_server, tone
-from test_cli import Served, offline_env
+from helpers import (
+    Served,
+    chirp,
+    cosine,
+    noise,
+    offline_env,
+    running_server,
+    tone,
+)
 
 from clap_ws.errors import ModelError
 from clap_ws.model import ClapModel
 from clap_ws.model.checkpoint import Architecture
 
 
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="needs openvino: pip install -e '.[engines]'")
+
+
 def ten_second_windows() -> np.ndarray:
     return np.stack([tone(330, seconds=10), noise(seconds=10, seed=4), chirp(seconds=10)]).astype(np.float32)
 
 
+@needs_openvino
+@pytest.mark.slow
 def test_openvino_fp32_gives_torch_fp32s_embeddings(fp32_model):
     engine = ClapModel.untrained(seed=0, precision="fp32", chunk=2, engine="openvino")
     assert engine._openvino.sizes == [1, 2] and engine.describe()["engine"].startswith("openvino 20")
@@ -35,6 +48,8 @@ def test_openvino_fp32_gives_torch_fp32s_embeddings(fp32_model):
     assert np.linalg.norm(ours[0] - ours[1]) > 20 * gap and np.linalg.norm(ours[1] - ours[2]) > 20 * gap
 
 
+@needs_openvino
+@pytest.mark.slow
 def test_openvino_engine_in_its_default_precision_through_a_real_server(tmp_path, fp32_model):
     server = Served([sys.executable, "-m", "clap_ws", "serve", "--untrained", "--engine", "openvino", "--chunk", "1",
                      "--port", "0"], offline_env(tmp_path))
@@ -85,6 +100,7 @@ def test_openvino_engine_refuses_what_it_cannot_run(model):
 
 def test_openvino_engine_without_its_packages_says_how_to_install_them(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else find_spec(name, *a))
     with pytest.raises(ModelError, match=r"needs openvino: pip install 'clap-ws\[openvino\]'"):
         ClapModel.untrained(engine="openvino")

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from clap_ws.errors import ClapError, ErrorCode
 from clap_ws.protocol import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +41,8 @@ def near_subspace(n: int, latent: int, noise: float, rng: np.random.Generator) -
 
     Before normalising, the subspace part has a standard deviation of sqrt(latent) per dimension and the noise
     off it ``noise``."""
-    return unit(rng.standard_normal((n, latent)) @ rng.standard_normal((latent, 512)) + noise * rng.standard_normal((n, 512)))
+    near = rng.standard_normal((n, latent)) @ rng.standard_normal((latent, 512))
+    return unit(near + noise * rng.standard_normal((n, 512)))
 
 
 def assert_exact(scan: ExactScan, vectors: np.ndarray, queries: np.ndarray, k: int, mask=None) -> None:

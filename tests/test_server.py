@@ -1,7 +1,6 @@
 """A real server on 127.0.0.1, real WebSocket clients, real audio."""
 
 import asyncio
-import base64
 import json
 import threading
 import urllib.error
@@ -10,15 +9,11 @@ import urllib.request
 import numpy as np
 import pytest
 import websockets
-from conftest import ask, chirp, connect, cosine, noise, running_server, tone, url
+from helpers import ask, b64, chirp, connect, cosine, noise, running_server, tone, url
 
 from clap_ws.errors import ErrorCode
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.server import ClapServer, ServerConfig
-
-
-def b64(x: np.ndarray) -> str:
-    return base64.b64encode(x.astype("<f4").tobytes()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +354,27 @@ async def test_connections_past_the_limit_close_with_1013(model):
             assert c.close_code == 1013
             assert (await ask(a, tone(seconds=0.2).tobytes()))["status"] == "OK"
             assert (await ask(b, tone(seconds=0.2).tobytes()))["status"] == "OK"
+
+
+async def test_careless_clients_are_told_what_went_wrong(server):
+    """int16 bytes, unscaled samples and misspelt URL keys: served or refused, never silently misread."""
+    pcm16 = (tone(seconds=0.5) * 32767).astype("<i2").tobytes()
+    nan_bytes = np.array([0x7FC0_0000] * 4000, "<u4").tobytes()  # what int16 often turns into: NaN floats
+    async with connect(server, query="samplerate=44100&sample_rate=48000&foo=1") as ws:
+        plain = await ask(ws, tone(seconds=0.5).tobytes())
+        loud = await ask(ws, (tone(seconds=0.5) * 3).tobytes())
+        integers = await ask(ws, (tone(seconds=0.5) * 32767).tobytes())
+        nan = await ask(ws, nan_bytes)
+        as_json = await ask(ws, {"audio_buffer": b64(tone(seconds=0.5))})
+        batch = await ask(ws, {"op": "embed_batch", "audio_buffers": [b64(tone(seconds=0.5)),
+                                                                      b64(tone(seconds=0.5) * 3)]})
+        peak = await ask(ws, {"audio_buffer": b64(tone(seconds=0.5) * 3), "normalize": "peak"})
+    unknown = [w for w in plain["warnings"] if "unknown URL query key" in w]
+    assert [w.split("'")[1] for w in unknown] == ["foo", "samplerate"] and plain["status"] == "OK"
+    assert any("beyond [-1, 1]" in w and "normalize=peak" in w for w in loud["warnings"])
+    assert any("integer PCM" in w and "32768" in w for w in integers["warnings"])
+    assert nan["error"]["code"] == ErrorCode.BAD_AUDIO and "float32" in nan["error"]["message"]
+    assert "warnings" not in as_json  # JSON messages carry their own options: the URL's keys do not apply
+    assert batch["warnings"][0] == [] and "clipped" in batch["warnings"][1][0]
+    assert "warnings" not in peak
+    assert len(pcm16) % 4 == 0  # int16 PCM of even length decodes as float32: it is caught by its values

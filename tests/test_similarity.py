@@ -1,26 +1,20 @@
 """Text embeddings, prompt similarity, references, archives, novelty and behaviour descriptors on a real server."""
 
 import asyncio
-import base64
 import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import ask, chirp, connect, noise, running_server, tone
+from helpers import ask, b64, chirp, connect, noise, running_server, tone
 
 from clap_ws.audio import windows
 from clap_ws.errors import ErrorCode, TextUnavailable
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.inference import AudioJob, Inference, Result, TextJob
-from clap_ws.model import ClapModel
 from clap_ws.projection import Projection
 from clap_ws.search.archive import Archives
-
-
-def b64(x):
-    return base64.b64encode(np.asarray(x, "<f4").tobytes()).decode()
 
 
 def unit_rows(n, seed):
@@ -150,14 +144,14 @@ def test_texts_of_one_batch_go_through_the_model_in_one_call(model):
     assert audio.embeddings.shape == (1, 512)
     for got, expected in zip(np.concatenate([first.embeddings, rest.embeddings]), model.embed_text(texts)):
         assert float(np.dot(got, expected)) >= 0.9999
-    no_text = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision, None)
+    no_text = model.variant(tokenizer=None)
     first, audio, rest = Inference(no_text)(jobs)  # a text failure fails the text jobs only
     assert isinstance(first, TextUnavailable) and isinstance(rest, TextUnavailable)
     assert isinstance(audio, Result) and audio.embeddings.shape == (1, 512)
 
 
 async def test_text_without_tokenizer_fails_clearly_and_audio_goes_on(model):
-    no_text = ClapModel(model.net, model.architecture, model.identity, model.device, model.precision, None)
+    no_text = model.variant(tokenizer=None)
     async with running_server(no_text) as server:
         async with connect(server) as ws:
             text = await ask(ws, {"op": "embed_text", "texts": ["a bell"]})

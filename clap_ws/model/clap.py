@@ -1,80 +1,63 @@
 """The resident CLAP model: build it, load weights, run 10-second windows and text.
 
 :class:`ClapModel` wraps laion-clap's own ``CLAP`` network (imported through
-:mod:`clap_ws.laion`) so real LAION-CLAP checkpoints load unchanged. It knows
-nothing about sockets or sample rates: its audio input is already a batch of
-48 kHz windows of exactly 10 s (see :mod:`clap_ws.audio`), and it returns the
-*raw* projected embeddings, so a caller can average several windows of one
-clip before normalising.
+:mod:`clap_ws.model.laion`) so real LAION-CLAP checkpoints load unchanged. It
+knows nothing about sockets or sample rates: its audio input is already a
+batch of 48 kHz windows of exactly 10 s (see :mod:`clap_ws.audio`), and it
+returns the *raw* projected embeddings, so a caller can average several
+windows of one clip before normalising.
 
 Decisions made here, once, at construction:
 
 * architecture - read from the checkpoint's tensors (HTSAT tiny/base/large,
-  fusion or not; :mod:`clap_ws.checkpoint`), so picking the wrong ``amodel``
-  cannot happen;
+  fusion or not; :mod:`clap_ws.model.checkpoint`), so picking the wrong
+  ``amodel`` cannot happen;
 * device - CUDA, then MPS, then CPU, unless told;
-* precision - ``auto`` is bf16 on CUDA and on CPUs with native bf16
-  (AVX512-BF16 or AMX), else fp32. The spectrogram front end always runs in
-  fp32, which is where bf16 loses accuracy. On a CPU the other weights are
-  cast to bf16 once; on a GPU the network runs under autocast (which re-casts
-  weights on every call: measured 10% slower than cast-once on the CPU).
-  ``autocast=True`` takes the GPU's way on a CPU: that is how the tests run
-  that code (fp16 too) where no GPU is lent.
-  On a CPU the matmul weights are also laid out once for oneDNN
-  (:func:`clap_ws.towers.pack_linears`), both towers' (bf16: a 3-word
-  prompt 26 -> 16 ms, and with the Swin forwards of :mod:`clap_ws.swin` a
-  window 2-11 % faster, for copies of 228 MB of weights; fp32: a prompt
-  45 -> 23 ms, a window 123 -> 100 ms in one process, about 420 MB);
+* precision - ``auto`` is bf16 on CUDA and on CPUs where oneDNN runs bf16
+  natively (AVX512-BF16 or AMX, :func:`clap_ws.cpu.has_native_bf16`), else
+  fp32: emulated bf16 is slower than fp32. The spectrogram front end always
+  runs in fp32, which is where bf16 loses accuracy. On a CPU the other
+  weights are cast once; on a GPU the network runs under autocast.
+  ``autocast=True`` takes the GPU's way on a CPU, which is how the tests run
+  that code where no GPU is lent. On a CPU the matmul weights are also laid
+  out once for oneDNN (:func:`clap_ws.model.towers.pack_linears`), at the
+  cost of a second copy of them;
 * forwards - laion-clap's HTSAT and transformers' RoBERTa run inference
-  forwards of their own modules (:mod:`clap_ws.swin`, :mod:`clap_ws.roberta`):
-  the same weights and numbers, without the attention maps, unused outputs,
-  extra copies and Python around them. Measured in one process against the
-  libraries' forwards on 2 Zen 4 cores: a window 12-23 % less time in bf16
-  (with its weights packed), a 3-word prompt 18.0 -> 13.9 ms;
-* chunk - how many windows go through the network at once. On a CPU, 2-4
-  windows per call is fastest (measured per window, bf16: 1: 65 ms, 4: 58 ms,
-  16: 80 ms; fp32 similar) and bounds activation memory, so ``auto`` is 4
-  there and 32 on a GPU. Chunks are powers of two, so a compiled network
+  forwards of their own modules (:mod:`clap_ws.model.swin`,
+  :mod:`clap_ws.model.roberta`): the same weights and numbers, without the
+  attention maps, unused outputs and extra copies;
+* chunk - how many windows go through the network at once: ``auto`` is 4 on
+  a CPU (where small calls are fastest per window and bound activation
+  memory) and 32 on a GPU. Chunks are powers of two, so a compiled network
   sees only a few shapes;
 * compile - optional ``torch.compile`` of the audio and text towers with
-  Inductor's weight freezing: on a 2-core CPU 10-35% less model time per
-  audio window than eager in the same benchmark run (43-50 vs 57-76 ms); a
-  prompt takes about what the eager text tower takes (13-18 ms). It costs
-  about 2.5 minutes of compiling at warm-up (one graph per audio chunk
-  shape, two for text: batch 1 and any batch, any length; freezing bypasses
-  Inductor's on-disk cache);
+  Inductor's weight freezing, each tower whole (a graph break is an error),
+  paid for with minutes of compiling at warm-up;
 * engine - ``torch``, or ``openvino``: the audio encoder after its
-  spectrogram front end compiled by OpenVINO (:mod:`clap_ws.openvino_audio`;
-  CPU, non-fusion; in a 2-core server, model time 0.82x torch's in fp32 and
-  0.88-0.97x in bf16, for about 15 s more at start and 1.1 GB more memory).
-  Text stays in torch.
+  spectrogram front end compiled by OpenVINO (:mod:`clap_ws.model.openvino_audio`;
+  CPU, non-fusion). Text stays in torch.
 
 The network is never called from two threads at once: the batcher's single
 worker owns it (see :mod:`clap_ws.batching`). Build it with
-:func:`clap_ws.weights.load_model`, which builds on a thread that ends, or on
-the thread that will run it: every thread that runs torch ops keeps an
-OpenMP pool, and with two pools on a 2-core machine each model call took
-50% longer.
-
-Where the time goes (HTSAT-tiny, one 10-s window, 2 AVX512-BF16 cores): 12.1
-GFLOP, 10.9 of them in matrix multiplies, which run at 326 GFLOP/s in bf16
-(about 31 ms of linears) - about what two such cores can do - so about 35
-ms is the floor here; eager calls take 50-76 ms on this shared host,
-compiled ones 43-50 ms. The rest is softmax (its bf16 exp), copies,
-attention matmuls, GELU and layer norm. Dynamic int8 weights were slower
-(74 ms) and less accurate (cosine 0.992 to fp32).
+:func:`clap_ws.model.weights.load_model`, which builds on a thread that ends,
+or on the thread that will run it, since every thread that runs torch ops
+keeps an OpenMP pool and two pools on a small machine slow each call.
+Figures for each of these choices: ``docs/performance.md`` and ``docs/experiments.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,11 +131,19 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClapModel:
-    """One CLAP network on one device, ready for inference. Build with a classmethod."""
+    """One CLAP network on one device, ready for inference.
 
-    net: torch.nn.Module
+    Build it with :meth:`untrained` or :meth:`from_checkpoint` (or
+    :func:`clap_ws.model.weights.load_model`); the constructor takes keywords
+    and adapts ``net`` in place (forwards, casting, packing) for inference.
+    Raises :class:`~clap_ws.errors.ModelError` for options that cannot run
+    together (an unknown engine, OpenVINO on a GPU or with fusion, compiling
+    a fusion network, a chunk below 1).
+    """
+
+    net: Any  # laion-clap's CLAP module, reached into by attribute (torch types those as Tensor | Module)
     architecture: Architecture
     identity: Identity
     device: torch.device
@@ -163,10 +154,10 @@ class ClapModel:
     compile: bool = False
     engine: str = "torch"  # or "openvino": the audio encoder compiled by OpenVINO (CPU)
     autocast: bool | None = None  # reduced precision under autocast; None: on GPUs (a CPU casts weights once)
-    _autocast: object = field(init=False, repr=False)
+    _autocast: Callable[[], contextlib.AbstractContextManager] = field(init=False, repr=False)
     _openvino: OpenVinoAudio | None = field(init=False, repr=False, default=None)
-    _audio: object = field(init=False, repr=False)
-    _text: object = field(init=False, repr=False)
+    _audio: Callable[..., torch.Tensor] = field(init=False, repr=False)
+    _text: Callable[..., torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._check_engine()  # before anything touches the network
@@ -183,11 +174,10 @@ class ClapModel:
         serve_swin(branch)
         serve_roberta(self.net.text_branch)
         self._autocast = contextlib.nullcontext
-        unpack_linears(self.net)  # a network shared with an earlier model (tests) starts plain
         if self.engine == "openvino":
             with torch.inference_mode():
                 mel = log_mel(branch, torch.zeros(1, WINDOW_SAMPLES, device=self.device))
-            self._openvino = OpenVinoAudio(self.net, tuple(mel.shape[2:]), self.precision, self.chunk,
+            self._openvino = OpenVinoAudio(self.net, (mel.shape[2], mel.shape[3]), self.precision, self.chunk,
                                            torch.get_num_threads())
         dtype = _DTYPES[self.precision]
         if self.precision != "fp32" and not self.autocast:
@@ -225,6 +215,17 @@ class ClapModel:
             raise ModelError("--engine openvino and --compile are two ways to compile the audio encoder: pick one")
 
     # ---- construction -------------------------------------------------
+    def variant(self, **changes) -> ClapModel:
+        """Another model over this one's network with some options changed (``tokenizer``, ``chunk``, ...).
+
+        The network is shared, not copied, so the two models must not run at
+        the same time with different layouts: the network's linears are
+        unpacked first and laid out again for the variant. A network already
+        cast to bf16 stays bf16 whatever the variant's precision says.
+        """
+        unpack_linears(self.net)
+        return dataclasses.replace(self, **changes)
+
     @staticmethod
     def build_network(architecture: Architecture) -> torch.nn.Module:
         module = laion.load_clap_module()
@@ -237,25 +238,24 @@ class ClapModel:
             )
 
     @classmethod
-    def untrained(cls, architecture: Architecture = Architecture(), seed: int = 0, device: str | None = None,
+    def untrained(cls, architecture: Architecture | None = None, seed: int = 0, device: str | None = None,
                   precision: str = "auto", chunk: int = 0, compile: bool = False,
-                  engine: str = "torch") -> "ClapModel":
+                  engine: str = "torch") -> ClapModel:
         """laion-clap's architecture with seeded random weights. Its output means nothing."""
+        architecture = architecture or Architecture()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = cls.build_network(architecture)
         dev = resolve_device(device)
-        return cls(
-            net.to(dev), architecture, Identity("untrained", seed=seed), dev,
-            resolve_precision(precision, dev), byte_level_tokenizer(), "built-in byte-level BPE (untrained)",
-            chunk, compile, engine,
-        )
+        return cls(net=net.to(dev), architecture=architecture, identity=Identity("untrained", seed=seed), device=dev,
+                   precision=resolve_precision(precision, dev), tokenizer=byte_level_tokenizer(),
+                   tokenizer_source="built-in byte-level BPE (untrained)", chunk=chunk, compile=compile, engine=engine)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None,
                         precision: str = "auto", tokenizer=None, tokenizer_source: str = "none",
                         allow_pickle: bool = False, chunk: int = 0, compile: bool = False,
-                        engine: str = "torch") -> "ClapModel":
+                        engine: str = "torch") -> ClapModel:
         """Load a LAION-CLAP checkpoint file; the architecture comes from its tensors."""
         path = Path(path)
         state = read_checkpoint(path, allow_pickle)
@@ -277,8 +277,9 @@ class ClapModel:
             raise ModelError(f"{path.name}: {str(exc).splitlines()[0]} ...") from None
         dev = resolve_device(device)
         identity = Identity(path.name, sha256_of(path), str(path.resolve()))
-        return cls(net.to(dev), architecture, identity, dev, resolve_precision(precision, dev),
-                   tokenizer, tokenizer_source, chunk, compile, engine)
+        return cls(net=net.to(dev), architecture=architecture, identity=identity, device=dev,
+                   precision=resolve_precision(precision, dev), tokenizer=tokenizer, tokenizer_source=tokenizer_source,
+                   chunk=chunk, compile=compile, engine=engine)
 
     # ---- inference (one thread at a time) -----------------------------
     def embed_windows(self, windows: np.ndarray) -> np.ndarray:

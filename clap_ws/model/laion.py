@@ -31,8 +31,8 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 PRIVATE_PACKAGE = "clap_ws._laion_clap_module"
 

@@ -1,26 +1,21 @@
 """The audio encoder compiled by OpenVINO: an optional engine for CPUs (``--engine openvino``).
 
 Why it exists: OpenVINO's CPU plugin runs HTSAT's transformer in less time
-than torch's eager kernels. ``benchmarks/engines.py`` (each engine in a
-process of its own, taking turns, 2 Zen 4 cores) measured per window, at 1
-window per call, 0.83x torch's time in bf16 and 0.73x in fp32 (what CPUs
-without native bf16, most laptops among them, run); at 4 windows per call
-0.91x and 0.89x. In a server, beside torch (which keeps the front end, the
-text encoder and the event loop's cores), less: model time per 2-s sound
-0.88-0.97x in bf16 and 0.82x in fp32 (``benchmarks/ab.py``, two servers side
-by side). It costs memory: each compiled call shape keeps its own weights and
-buffers (+412, +193, +311 MB for 1, 2, 4 windows), so it is opt-in.
+than torch's eager kernels, most of all in fp32 (what CPUs without native
+bf16 run). It costs memory, since each compiled call shape keeps its own
+weights and buffers, so it is opt-in. ``benchmarks/engines.py`` and
+``benchmarks/ab.py`` measure it; figures are in ``docs/performance.md``.
 
 How it is shaped:
 
 * The spectrogram front end stays in torch: its FFT returns complex tensors,
-  which neither ``torch.onnx`` nor OpenVINO converts, and it is about 3 ms of
-  a window. Everything after it (:class:`~clap_ws.towers.AudioBody`: ``bn0``,
+  which neither ``torch.onnx`` nor OpenVINO converts, and it is a small part
+  of a window. Everything after it (:class:`~clap_ws.model.towers.AudioBody`: ``bn0``,
   the time-frequency image, the Swin transformer with clap-ws's inference
-  forwards, the projection) is exported once with ``torch.onnx`` (10-20 s
-  at start) and compiled by OpenVINO once per call shape (1, 2, 4 ...
-  windows, up to the model's chunk; 0.5 s each). Static shapes: one model
-  with a dynamic window count took 10-20 % longer per window.
+  forwards, the projection) is exported once with ``torch.onnx`` at start
+  and compiled by OpenVINO once per call shape (1, 2, 4 ... windows, up to
+  the model's chunk). Static shapes, since a dynamic window count was slower
+  per window.
 * ``torch.onnx`` rather than OpenVINO's own converter (``ov.convert_model``),
   because that one sends usage telemetry unless a consent file says no, and
   clap-ws does not touch the network unless asked.
@@ -62,10 +57,10 @@ def openvino_version() -> str | None:
 
 
 class OpenVinoAudio:
-    """:class:`~clap_ws.towers.AudioBody` of ``net`` compiled by OpenVINO for each power-of-two call size up to ``chunk``.
+    """:class:`~clap_ws.model.towers.AudioBody` of ``net`` compiled by OpenVINO per power-of-two call size to ``chunk``.
 
     ``net`` must be in eval mode and fp32, with clap-ws's Swin forwards
-    (:func:`clap_ws.swin.serve_swin`). Call from one thread at a time.
+    (:func:`clap_ws.model.swin.serve_swin`). Call from one thread at a time.
     """
 
     def __init__(self, net: torch.nn.Module, mel_shape: tuple[int, int], precision: str, chunk: int, threads: int):
@@ -105,7 +100,7 @@ class OpenVinoAudio:
 
 
 def export_onnx(body: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``body`` (fp32) as an ONNX file with a dynamic window count, quietly: ``torch.onnx`` prints its progress and warns."""
+    """``body`` (fp32) as an ONNX file with a dynamic window count, quietly (``torch.onnx`` prints and warns)."""
     if any(p.dtype != torch.float32 for p in body.parameters()):
         raise ModelError("--engine openvino exports the audio encoder in fp32, but this network is already cast")
     windows = torch.export.Dim("windows", min=1, max=1024)

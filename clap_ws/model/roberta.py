@@ -1,10 +1,10 @@
 """CLAP's RoBERTa text encoder for inference: the same layers, without transformers' general-purpose forward.
 
-A prompt is 5-20 tokens, so a text embedding is 75 small matmuls that each
-read a whole weight matrix: 170 MB of bf16 weights for 5 tokens of work. On
-2 cores those matmuls take about 9 ms, and transformers' ``RobertaModel``
-forward added 4-6 ms around them (mask preparation, attention dispatch, output
-objects, hooks: Python on the critical path of every uncached prompt).
+A prompt is a few tokens, so a text embedding is 75 small matmuls that each
+read a whole weight matrix, and transformers' ``RobertaModel`` forward adds
+Python around them (mask preparation, attention dispatch, output objects,
+hooks) on the critical path of every uncached prompt (figures:
+``docs/experiments.md``).
 
 :func:`serve_roberta` gives the model instance a forward that runs the same
 modules in the same order - embeddings, then per layer query/key/value, the
@@ -45,7 +45,7 @@ def serve_roberta(branch: torch.nn.Module) -> bool:
         x = embeddings(input_ids=input_ids)
         batch, tokens, channels = x.shape
         # padded keys are not attended to; without padding (one text, or texts of one length) no mask at all,
-        # which spares the attention kernel's masking (0.7 of 16.7 ms per prompt, measured). Under
+        # which spares the attention kernel's masking. Under
         # torch.compile the mask is always passed: testing it would break the graph in two.
         unpadded = not torch.compiler.is_compiling() and bool(attention_mask.all())
         keep = None if unpadded else attention_mask.bool()[:, None, None, :]

@@ -17,18 +17,15 @@ weights (and ``state_dict``) as they are:
 * window attention adds the bias (relative position plus shift mask, built
   once per weights and dtype) inside the score matmul (``baddbmm``).
   PyTorch's fused ``scaled_dot_product_attention`` was slower for these
-  small heads (64 tokens of 24 channels) on the CPU: 12.9 against 7.4 ms per
-  window in bf16, and no faster in fp32;
+  small heads (64 tokens of 24 channels) on the CPU;
 * a stage runs its blocks and its patch merging, and keeps no attention map;
 * ``forward_features`` returns only ``{"embedding": ...}``: the mean of the
   normed tokens, which is what laion-clap's regrouping of them followed by
   an average pool computes (a mean does not depend on the order of tokens).
 
-Measured on 2 Zen 4 cores, in one process, alternating with laion-clap's
-forwards: 7-16 % less time per window in bf16 (with the bf16 weights also
-packed for oneDNN, which only pays with these forwards, 12-18 % at 1 window
-per call and 16-23 % at 4), 7-21 % in fp32. The parity test against
-laion-clap's own code (fp32, cosine >= 0.99999) runs through them.
+They take less time per window than laion-clap's forwards (figures:
+``docs/experiments.md``). The parity test against laion-clap's own code
+(fp32, cosine >= 0.99999) runs through them.
 """
 
 from __future__ import annotations
@@ -133,7 +130,7 @@ def _stage(stage: torch.nn.Module):
 
 
 def _embedding_only(branch: torch.nn.Module):
-    """``forward_features`` computing only ``embedding`` (the time-frequency regrouping is a permutation, the pool a mean)."""
+    """``forward_features`` computing only ``embedding`` (the regrouping is a permutation, the pool a mean)."""
 
     def forward_features(x: torch.Tensor, longer_idx=None) -> dict:
         x = branch.patch_embed(x, longer_idx=longer_idx)

@@ -16,7 +16,7 @@ roberta-base's special-token ids, a byte-level alphabet and BPE merges learnt
 in memory (deterministically, in milliseconds) from a few hundred words that
 describe sounds, so prompts split into about as many tokens as roberta-base
 makes of them ("a warm bell": 5 tokens; bytes alone made 13, which
-overstated text latency for untrained models by 2-3x). Its ids are valid for
+overstated text latency for untrained models). Its ids are valid for
 the model, so text paths are testable offline; like the untrained weights,
 its output means nothing.
 """

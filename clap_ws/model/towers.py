@@ -6,7 +6,7 @@
   spectrogram front end kept in fp32;
 * :func:`pack_linears` / :func:`unpack_linears` - weights laid out once for
   oneDNN on a CPU;
-* :mod:`clap_ws.swin` - the audio transformer's forwards for inference (no
+* :mod:`clap_ws.model.swin` - the audio transformer's forwards for inference (no
   work whose result is thrown away, fewer passes over the activations);
 * :class:`AudioTower` / :class:`TextTower` - each encoder and its projection
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
@@ -97,21 +97,13 @@ def pack_linears(module: torch.nn.Module) -> int:
     """Lay out every ``Linear`` weight in ``module`` once, in oneDNN's blocked format (CPU, bf16 or fp32).
 
     Unpacked, a bf16 weight is re-laid-out by oneDNN on every call, and an
-    fp32 one goes to MKL's GEMM. Measured on 2 Zen 4 cores:
+    fp32 one goes to MKL's GEMM. Packing pays for text (a prompt is a few
+    tokens, so each matmul reads its whole weight to do little work) and for
+    audio with the Swin forwards of :mod:`clap_ws.model.swin` (figures:
+    ``docs/experiments.md``).
 
-    * text (a prompt is 5-20 tokens, so each matmul reads its whole weight to
-      do little work, bound by memory traffic): RoBERTa's 75 linears at 5
-      tokens, 170 MB of bf16 weights (more than the cache), 21 ms plain, 9 ms
-      packed; the whole fp32 text tower 45 -> 23 ms;
-    * audio (thousands of tokens, bound by arithmetic): fp32 123 -> 100 ms
-      per window, since oneDNN's fp32 GEMM beats MKL's here (MKL is known to
-      take slower paths on CPUs that are not Intel's); in bf16, with the
-      Swin forwards of :mod:`clap_ws.swin`, 2-11 % less time per window
-      (with laion-clap's own forwards packing made it 7-9 % slower).
-
-    Costs a second copy of the packed weights (bf16: 171 MB text, 57 MB
-    audio; fp32: about 420 MB of peak RSS in a server); the originals stay
-    for ``state_dict`` and ``torch.compile``. Returns how many were packed;
+    Costs a second copy of the packed weights; the originals stay for
+    ``state_dict`` and ``torch.compile``. Returns how many were packed;
     packing twice packs nothing new.
     """
     count = 0
@@ -173,9 +165,9 @@ class AudioBody(torch.nn.Module):
     HTSAT's forward in eval mode, after :func:`log_mel`: ``bn0`` over the mel
     bins, the time-frequency image, the transformer, then the projection.
     This is the part other engines can take
-    (:mod:`clap_ws.openvino_audio`, ``benchmarks/engines.py``): the front
-    end's FFT returns complex tensors, which neither ``torch.onnx`` nor
-    OpenVINO converts, and costs about 3 ms of a window.
+    (:mod:`clap_ws.model.openvino_audio`, ``benchmarks/engines.py``): the
+    front end's FFT returns complex tensors, which neither ``torch.onnx`` nor
+    OpenVINO converts, and it is a small part of a window.
     """
 
     def __init__(self, net: torch.nn.Module):

@@ -59,7 +59,8 @@ def find_checkpoint(checkpoint: str | os.PathLike | None, cache: Path) -> Path |
             return cache / path.name
         raise ModelError(
             f"checkpoint {value} not found (looked at {path} and {cache / path.name}); "
-            f"fetch a published one with `clap-ws download {path.name if path.name in KNOWN_CHECKPOINTS else DEFAULT_CHECKPOINT}`"
+            f"fetch a published one with "
+            f"`clap-ws download {path.name if path.name in KNOWN_CHECKPOINTS else DEFAULT_CHECKPOINT}`"
         )
     default = cache / DEFAULT_CHECKPOINT
     return default if default.is_file() else None
@@ -127,9 +128,8 @@ def _on_a_thread_that_ends(build):
     that thread its own OpenMP pool; libgomp keeps a pool until its thread
     ends, and with more pooled threads than cores it stops spinning between
     parallel regions and sleeps instead, which made every model call from the
-    server's worker thread 50% slower (measured 89 vs 60 ms per window, 2
-    cores). Built this way, the pool that runs the model is the process's
-    only one.
+    server's worker thread markedly slower (``docs/experiments.md``). Built
+    this way, the pool that runs the model is the process's only one.
     """
     @functools.wraps(build)
     def wrapper(*args, **kwargs):

@@ -3,8 +3,8 @@
 A quality-diversity loop keeps an archive of what it has found and scores a
 new sound by how far it is from its k nearest archived neighbours. Here an
 archive is a named set of unit embeddings with caller-chosen ids, searched
-exactly (a flat :class:`~clap_ws.index.VectorIndex`: int8 pre-scans, then
-float32 for the candidates, see :mod:`clap_ws.scan`; archives grow by a few
+exactly (a flat :class:`~clap_ws.search.index.VectorIndex`: int8 pre-scans, then
+float32 for the candidates, see :mod:`clap_ws.search.scan`; archives grow by a few
 hundred items per generation and exact novelty is what the algorithms assume).
 
 Novelty of a query = the mean cosine distance (1 - cosine) to its k nearest
@@ -111,7 +111,8 @@ class Archives:
                 raise ArchiveError(f"no archive named {name!r} (known: {', '.join(self.names()) or 'none'})",
                                    code=ErrorCode.UNKNOWN_ARCHIVE)
             if len(self._archives) >= self.max_archives:
-                raise ArchiveError(f"this server holds at most {self.max_archives} archives", code=ErrorCode.TOO_MANY_ITEMS)
+                raise ArchiveError(f"this server holds at most {self.max_archives} archives",
+                                   code=ErrorCode.TOO_MANY_ITEMS)
             archive = self._archives[name] = Archive(name)
         return archive
 

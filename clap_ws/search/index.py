@@ -3,14 +3,11 @@
 :class:`VectorIndex` holds float32 vectors and answers top-k by cosine (inner
 product of unit vectors). Two kinds, chosen by size or forced:
 
-* ``flat`` - exact search by :class:`~clap_ws.scan.ExactScan` (int8
-  pre-scans, then float32 for the few items that can make the top k); the
-  default up to ``HNSW_THRESHOLD`` items. At 100k items on 2 cores: FAISS's
-  ``IndexFlatIP`` 19 ms (one thread for a single query), a float32 BLAS scan
-  10-15 ms, the pre-scans on the one thread they are given 1.1-1.3 ms for
-  embeddings near a low-dimensional subspace and 4.9-7.4 ms for uniformly
-  random vectors. The file still gets a FAISS flat index, the format every
-  clap-ws version reads;
+* ``flat`` - exact search by :class:`~clap_ws.search.scan.ExactScan` (int8
+  pre-scans, then float32 for the few items that can make the top k),
+  faster than FAISS's ``IndexFlatIP`` or a float32 BLAS scan on one thread
+  (``docs/search.md``); the default up to ``HNSW_THRESHOLD`` items. The file
+  still gets a FAISS flat index, the format every clap-ws version reads;
 * ``hnsw`` - approximate, ``IndexHNSWFlat`` (M=32), above it. ``efSearch``
   128 gives recall@10 >= 0.95 against exact search on a synthetic 100k set
   (tested).
@@ -29,7 +26,7 @@ import numpy as np
 
 from .scan import DIM, ExactScan
 
-HNSW_THRESHOLD = 30_000  # exact search of 30k items takes at most about 2 ms here, whatever the data (one thread)
+HNSW_THRESHOLD = 30_000  # above this, exact search of uniformly spread data costs more than HNSW (docs/search.md)
 HNSW_M = 32
 EF_CONSTRUCTION = 40
 EF_SEARCH = 128
@@ -80,7 +77,8 @@ class VectorIndex:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         if ids is None:
             return self.index.search(queries, min(k, len(self)))
-        params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBatch(ids), efSearch=max(EF_SEARCH, k))
+        selector = faiss.IDSelectorBatch(ids)
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(EF_SEARCH, k))  # type: ignore[attr-defined]
         return self.index.search(queries, min(k, len(ids)), params=params)
 
     # ---- persistence: the index as bytes, for one-file storage -------------------
@@ -92,12 +90,12 @@ class VectorIndex:
         return faiss.serialize_index(index)
 
     @classmethod
-    def from_bytes(cls, vectors: np.ndarray, kind: str, data: np.ndarray) -> "VectorIndex":
+    def from_bytes(cls, vectors: np.ndarray, kind: str, data: np.ndarray) -> VectorIndex:
         if kind == "flat":  # the stored flat index is not needed to search
             return cls(vectors, kind)
         index = faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
         if kind == "hnsw":
-            index.hnsw.efSearch = EF_SEARCH
+            index.hnsw.efSearch = EF_SEARCH  # type: ignore[attr-defined]
         if index.ntotal != len(vectors):
             raise ValueError(f"index holds {index.ntotal} vectors, the file {len(vectors)}")
         return cls(vectors, kind, index)

@@ -38,7 +38,8 @@ VERSION = 1
 def same_model(a: dict, b: dict) -> bool:
     if a.get("sha256") or b.get("sha256"):
         return a.get("sha256") == b.get("sha256")
-    return (a.get("name"), a.get("seed"), a.get("architecture")) == (b.get("name"), b.get("seed"), b.get("architecture"))
+    keys = ("name", "seed", "architecture")
+    return all(a.get(key) == b.get(key) for key in keys)
 
 
 def _describe_model(m: dict) -> str:
@@ -69,7 +70,7 @@ class Library:
 
     # ---- files -------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, name: str | None = None) -> "Library":
+    def load(cls, path: str | os.PathLike, name: str | None = None) -> Library:
         path = Path(path)
         try:
             meta, arrays = read_npz(path)
@@ -77,7 +78,8 @@ class Library:
         except (OSError, KeyError, ValueError) as exc:
             raise ModelError(f"cannot load library {path}: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ModelError(f"{path} is not a clap-ws library (format {meta.get('format')!r} {meta.get('version')!r})")
+            found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+            raise ModelError(f"{path} is not a clap-ws library (found {found!r})")
         index = VectorIndex.from_bytes(vectors, meta["index"], index_bytes)
         return cls(name or path.name.removesuffix(".npz"), meta["model"], meta["items"], index, meta.get("root", ""))
 

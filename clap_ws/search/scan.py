@@ -66,7 +66,7 @@ from ..similarity import unit
 logger = logging.getLogger(__name__)
 
 DIM = EMBED_DIM
-BLOCK = 8192  # rows per int8 block: 4 MB, packed in about 30 ms
+BLOCK = 8192  # rows per int8 block (4 MB): packing is cheap next to the searches it speeds up
 LEAD = 64  # leading principal dimensions read by the first pass
 LEAD_RESIDUAL = 0.5  # build the first pass only if the first block's median |x_rest| is at most this
 LEAD_SHARE = 8  # the first pass answers when at most 1/8 of the packed items stay candidates
@@ -80,12 +80,11 @@ def single_threaded() -> None:
 
     The server runs searches on its index thread while the model runs on its
     worker. A second thread with an OpenMP team makes libgomp count more
-    threads than cores and stop spinning between parallel regions: measured,
-    the model went from 73-82 to 102-125 ms per window after int8 searches on
-    another thread, and stayed there; with that thread serial, 72-76 ms. Only
-    this thread's OpenMP setting changes (``torch.set_num_threads`` would also
-    change torch's global default and clear oneDNN's kernel cache, which slowed
-    the model just the same).
+    threads than cores and stop spinning between parallel regions, which
+    slowed every model call for good (``docs/search.md``). Only this thread's
+    OpenMP setting changes (``torch.set_num_threads`` would also change
+    torch's global default and clear oneDNN's kernel cache, which slowed the
+    model just the same).
     """
     torch.get_num_threads()  # torch sets this thread's OpenMP default on first use; let it, then limit
     ThreadpoolController().limit(limits=1, user_api="openmp")
@@ -131,7 +130,7 @@ class _Int8Rows:
         codes = np.rint(queries / step)
         bound = (np.linalg.norm(queries, axis=1) * self.error
                  + np.linalg.norm(queries - codes * step, axis=1) * self.norm + SLACK)
-        # positive and negative parts as unsigned rows: no zero point, whose compensation costs AVX2 kernels 70 %
+        # positive and negative parts as unsigned rows: no zero point, whose compensation slows AVX2 kernels
         halves = torch.from_numpy(np.concatenate([np.maximum(codes, 0), np.maximum(-codes, 0)]).astype(np.uint8))
         parts = torch.cat([torch.ops.onednn.qlinear_pointwise(
             halves, step, 0, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], "")
@@ -191,7 +190,7 @@ class _Leading:
 
     @classmethod
     def fit(cls, rows: np.ndarray, levels: int) -> _Leading | None:
-        """The leading directions of ``rows`` (uncentred: inner products see the mean too), or None if they spread out."""
+        """The leading directions of ``rows`` (uncentred: scores see the mean too), or None if they spread out."""
         sample = np.ascontiguousarray(rows[:: max(1, len(rows) // BLOCK)])  # a bulk load: about BLOCK of its rows
         second = torch.from_numpy(sample).double()
         _, directions = torch.linalg.eigh(second.T @ second)  # ascending
@@ -251,7 +250,7 @@ class ExactScan:
         ``"float32"``, or ``"unpacked"`` before a block's worth of rows has been packed."""
         if not self.quantize:
             return "float32"
-        return self.kernel if self._packed else "unpacked"
+        return (self.kernel or "unpacked") if self._packed else "unpacked"
 
     @property
     def lead_dims(self) -> int:
@@ -322,22 +321,24 @@ class ExactScan:
         tail = _dot(queries, self.vectors[self._packed :])  # rows not yet packed, scored exactly
         if keep is not None:
             tail[:, ~keep[self._packed :]] = -np.inf
-        found = [self._lead_pass(q, t, k, keep) if self._try_lead() else None for q, t in zip(queries, tail)]
+        found: list[tuple[np.ndarray, np.ndarray] | None] = [
+            self._lead_pass(q, t, k, keep) if self._try_lead() else None for q, t in zip(queries, tail)]
         rest = [row for row, answer in enumerate(found) if answer is None]
         if rest:
             for row, answer in zip(rest, self._int8_pass(queries[rest], tail[rest], k, keep)):
                 found[row] = answer
         self.answered["lead"] += len(queries) - len(rest)
         self.answered["int8"] += len(rest)
-        return np.array([s for s, _ in found]), np.array([i for _, i in found])
+        answers = [answer for answer in found if answer is not None]
+        return np.array([s for s, _ in answers]), np.array([i for _, i in answers])
 
     def _try_lead(self) -> bool:
         """Whether the next query tries the first pass.
 
         Always while it answers at least a quarter of the queries that try it,
-        which is where trying pays (a miss costs about 1.5 ms at 100k items,
-        an answer saves about 5); below that, 1 query in ``LEAD_PROBE``, so
-        that it is found again when the queries change.
+        which is where trying pays (a miss costs less than an answer saves:
+        ``docs/search.md``); below that, 1 query in ``LEAD_PROBE``, so that it
+        is found again when the queries change.
         """
         if self._lead is None:
             return False
@@ -352,6 +353,7 @@ class ExactScan:
         return answer
 
     def _lead_answer(self, query: np.ndarray, tail: np.ndarray, k: int, keep: np.ndarray | None):
+        assert self._lead is not None  # _try_lead said so
         lead, rest = self._lead.split(query[None])
         approx, bound = self._lead.rows.scores(lead)
         approx = approx[0]
@@ -363,7 +365,7 @@ class ExactScan:
         known = known[known > -np.inf]
         if len(known) < k:
             return None
-        floor = np.partition(known, len(known) - k)[len(known) - k]  # the k-th best of these, so at most the k-th best of all
+        floor = np.partition(known, len(known) - k)[len(known) - k]  # k-th best of these: at most the k-th of all
         reaches = approx.numpy() + (bound[0] + rest[0] * self._lead.rest) >= floor  # upper bound reaches the floor
         if LEAD_SHARE * np.count_nonzero(reaches) > self._packed:  # counted first: listing 70k items costs more
             return None
@@ -375,13 +377,14 @@ class ExactScan:
         if keep is not None:
             approx[:, torch.from_numpy(~keep[: self._packed])] = -torch.inf
         # k-th best lower bound of a score: every item of the top k scores at least this
-        lower = np.concatenate([torch.topk(approx, min(k, self._packed), dim=1).values.numpy() - bound[:, None], tail], 1)
+        best = torch.topk(approx, min(k, self._packed), dim=1).values.numpy()
+        lower = np.concatenate([best - bound[:, None], tail], 1)
         floor = -np.partition(-lower, k - 1, axis=1)[:, k - 1]
-        approx = approx.numpy()
+        scores = approx.numpy()
         for row, query in enumerate(queries):
-            candidates = np.flatnonzero(approx[row] + bound[row] >= floor[row])  # upper bound reaches it
+            candidates = np.flatnonzero(scores[row] + bound[row] >= floor[row])  # upper bound reaches it
             if 4 * len(candidates) > self._packed:  # near-duplicates everywhere: one float32 scan is cheaper
-                candidates = np.flatnonzero(approx[row] > -np.inf)
+                candidates = np.flatnonzero(scores[row] > -np.inf)
             yield self._rescored(query, candidates, tail[row], k)
 
     def _rescored(self, query: np.ndarray, candidates: np.ndarray, tail: np.ndarray, k: int):

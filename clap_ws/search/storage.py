@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,8 @@ def write_npz(path: Path, meta: dict | list | None = None, **arrays: np.ndarray)
     os.replace(tmp, path)
 
 
-def read_npz(path: Path) -> tuple[dict | list | None, dict[str, np.ndarray]]:
-    """(the JSON block, the arrays) of a file written by :func:`write_npz`."""
+def read_npz(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """(the JSON block, the arrays) of a file written by :func:`write_npz`; the block is whatever JSON was saved."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     meta = arrays.pop("meta", None)

@@ -1,0 +1,132 @@
+"""What the tests share: real audio, real servers on 127.0.0.1, clients, checkpoints, an offline environment.
+
+Plain functions, imported by the test files (fixtures live in conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import websockets
+
+from clap_ws.model import ClapModel
+from clap_ws.server import ClapServer, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- audio ----------------------------------------------------------------
+def tone(freq: float = 440.0, sr: int = 48_000, seconds: float = 2.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(sr * seconds)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def noise(sr: int = 48_000, seconds: float = 2.0, seed: int = 0, amp: float = 0.3) -> np.ndarray:
+    return (amp * np.random.default_rng(seed).standard_normal(int(sr * seconds))).astype(np.float32)
+
+
+def chirp(f0: float = 100.0, f1: float = 8000.0, sr: int = 48_000, seconds: float = 2.0) -> np.ndarray:
+    t = np.arange(int(sr * seconds)) / sr
+    k = (f1 - f0) / seconds
+    return (0.4 * np.sin(2 * np.pi * (f0 * t + 0.5 * k * t * t))).astype(np.float32)
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---- checkpoints in laion-clap's own format --------------------------------
+def write_laion_checkpoint(net: torch.nn.Module, path: Path) -> Path:
+    """Save like laion-clap's training loop: DDP ``module.`` keys, position_ids kept."""
+    state = {"module." + k: v.clone() for k, v in net.state_dict().items()}
+    state["module.text_branch.embeddings.position_ids"] = torch.arange(514).expand((1, -1))
+    torch.save({"epoch": 45, "name": "test", "state_dict": state}, path)
+    return path
+
+
+def b64(x) -> str:
+    """float32 samples (or an embedding) as the protocol's base64 little-endian bytes."""
+    return base64.b64encode(np.asarray(x, "<f4").tobytes()).decode()
+
+
+# ---- servers and clients -------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def running_server(model: ClapModel, *, libraries=(), archives=None, projection=None, **options):
+    server = ClapServer(model, ServerConfig(port=0, **options), libraries=libraries, archives=archives,
+                        projection=projection)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+def url(server, path: str = "/clap", query: str = "") -> str:
+    return f"ws://127.0.0.1:{server.port}{path}" + (f"?{query}" if query else "")
+
+
+def connect(server, path: str = "/clap", query: str = "", **kw):
+    return websockets.connect(url(server, path, query), max_size=None, **kw)
+
+
+REPLY_TIMEOUT = 120  # seconds: a test waiting longer has found a lost reply
+
+
+async def ask(ws, message) -> dict:
+    """Send one message and parse the (text) reply."""
+    await ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+    return json.loads(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT))
+
+
+# ---- processes ---------------------------------------------------------------------
+def offline_env(tmp_path, **extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CLAP_WS_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT), PYTHON=sys.executable)
+    env.pop("CLAP_CHECKPOINT_PATH", None)
+    env.update(extra)
+    return env
+
+
+class Served:
+    """A process started in the background; stderr is collected to find its port."""
+
+    def __init__(self, args, env):
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for_port(self, timeout=120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)/clap", line):
+                    return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise AssertionError("server exited:\n" + "".join(self.lines))
+            time.sleep(0.1)
+        raise AssertionError("server did not start:\n" + "".join(self.lines))
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,72 @@
+"""The layout keeps its promises: model/ and search/ stand without the server, and the docs stay true."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+PACKAGE = ROOT / "clap_ws"
+SERVER_LAYER = {"protocol", "audio", "batching", "inference", "service", "server", "cli", "build", "extractor"}
+
+
+def imported_modules(path, source=None):
+    """The clap_ws modules a file imports, as names under clap_ws (``model.clap``, ``errors`` ...)."""
+    package = path.relative_to(PACKAGE).parent.parts
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(package[: len(package) - node.level + 1])
+                module = ".".join(base + ([node.module] if node.module else []))
+                names = [module] if node.module else [f"{module}.{a.name}".lstrip(".") for a in node.names]
+                yield from names
+            elif node.module and node.module.startswith("clap_ws"):
+                yield node.module.removeprefix("clap_ws").lstrip(".")
+        elif isinstance(node, ast.Import):
+            yield from (a.name.removeprefix("clap_ws").lstrip(".") for a in node.names if a.name.startswith("clap_ws"))
+
+
+@pytest.mark.parametrize("package", ["model", "search"])
+def test_model_and_search_never_import_the_server_layer(package):
+    found = {}
+    for path in (PACKAGE / package).rglob("*.py"):
+        for module in imported_modules(path):
+            if module.split(".")[0] in SERVER_LAYER:
+                found.setdefault(str(path.relative_to(ROOT)), []).append(module)
+    assert not found, found
+
+
+def test_the_checker_sees_a_violation():
+    source = "from ..service import Service\nfrom . import index\nimport clap_ws.server\n"
+    assert set(imported_modules(PACKAGE / "search" / "x.py", source)) == {"service", "search.index", "server"}
+
+
+def test_public_imports_still_work():
+    code = ("from clap_ws import CLAPExtractor; from clap_ws.model import ClapModel; import clap_ws; "
+            "print(clap_ws.__version__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().count(".") == 2
+
+
+def test_configuration_page_is_generated_from_the_parser():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "configuration.py"), "--check"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_module_docstring_carries_a_benchmark_figure():
+    """Figures rot in code; they live in docs/ with their date and machine."""
+    import re
+
+    figure = re.compile(r"\d+(\.\d+)?\s?(ms|µs|GB/s|GFLOP/s)\b|\d+(\.\d+)?x (torch|eager|faster|slower)|measured")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node) or ""
+                if figure.search(doc):
+                    offenders.append(f"{path.relative_to(ROOT)}:{getattr(node, 'name', 'module')}")
+    assert not offenders, offenders
