@@ -23,7 +23,6 @@ from clap_ws.errors import ModelError
 from clap_ws.model import ClapModel
 from clap_ws.model.checkpoint import Architecture
 
-
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="needs openvino: pip install -e '.[engines]'")
 
