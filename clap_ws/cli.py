@@ -47,7 +47,8 @@ _SERVER_HELP = {
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
     "text_cache": "prompt embeddings kept in the LRU cache (default %(default)s)",
     "token": "clients must send it (Authorization: Bearer TOKEN, or ?token=); default $CLAP_WS_TOKEN",
-    "allowed_origins": "browser Origin allowed to connect (repeat for several); default: any",
+    "allowed_origins": "browser Origin allowed to connect besides the server's own (repeat for several); "
+                       "clients without an Origin are never refused",
     "archive_flush_s": "seconds between writes of changed archives to --archive-dir (default %(default)s)",
 }
 _SERVER_FLAGS = {"warm_up": "--no-warm-up"}  # booleans that default to True

@@ -41,7 +41,6 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
-from websockets.typing import Origin
 
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
@@ -84,7 +83,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     warm_up: bool = True  # run one window through the model before listening
     token: str | None = None  # required from clients (Authorization: Bearer, or ?token=) when set
-    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed; empty: any (and none)
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own (clients without one: any)
     text_cache: int = 4096  # prompt embeddings kept (LRU)
     archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
 
@@ -135,7 +134,6 @@ class ClapServer:
             process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
-            origins=[*map(Origin, self.config.allowed_origins), None] if self.config.allowed_origins else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
@@ -207,17 +205,45 @@ class ClapServer:
         }
 
     def _authorized(self, request) -> bool:
-        """Constant-time check of the bearer token or ``?token=`` against ``--token``."""
+        """Constant-time check of the bearer token or ``?token=`` against ``--token``; one header at most."""
         expected = (self.config.token or "").encode()
-        header = request.headers.get("Authorization", "")
+        headers = request.headers.get_all("Authorization")
+        if len(headers) > 1:
+            return False
+        header = headers[0] if headers else ""
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not given:
             given = dict(parse_qsl(urlsplit(request.path).query)).get("token", "")
         return hmac.compare_digest(given.encode(), expected)
 
+    def _origin_allowed(self, request) -> bool:
+        """The web's origin rule: a browser page may connect only from this server's own origin or a listed one.
+
+        Clients that send no ``Origin`` (Node, Python) are not browsers and
+        are unaffected. The server's own origin is ``http(s)://HOST`` with the
+        request's ``Host``, and only where that host is a loopback name or the
+        address the server was told to bind: a page on ``evil.example`` that
+        re-points its name at 127.0.0.1 (DNS rebinding) sends its own name.
+        """
+        origins = request.headers.get_all("Origin")
+        if not origins:
+            return True
+        if len(origins) > 1:
+            return False
+        origin = origins[0]
+        if origin in self.config.allowed_origins:
+            return True
+        host = request.headers.get_all("Host")
+        if len(host) != 1 or origin not in (f"http://{host[0]}", f"https://{host[0]}"):
+            return False
+        hostname = urlsplit(origin).hostname or ""
+        return hostname in ("localhost", "127.0.0.1", "::1", self.config.host.strip("[]"))
+
     def _http(self, connection: ServerConnection, request):
-        """``GET /health``, and the token check; anything else goes on to the WebSocket handshake."""
+        """``GET /health``, the origin rule and the token check; anything else goes on to the WebSocket handshake."""
         if urlsplit(request.path).path != "/health":
+            if not self._origin_allowed(request):
+                return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not connect (see --allowed-origin)\n")
             if self.config.token and not self._authorized(request):
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'

@@ -488,3 +488,46 @@ def test_origin_allowlist(model):
         with sync_connect(srv.url) as ws:  # non-browser clients send no Origin
             ws.send(json.dumps({"op": "info"}))
             assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+
+
+def handshake_status(port: int, headers: list[tuple[str, str]], path: str = "/clap") -> int:
+    """The HTTP status of a raw WebSocket handshake with exactly these headers (duplicates and Host included)."""
+    import socket
+
+    lines = [f"GET {path} HTTP/1.1", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status = sock.recv(4096).split(b"\r\n", 1)[0]
+    return int(status.split()[1])
+
+
+def test_browser_pages_from_other_origins_are_refused_by_default(model):
+    """Cross-site WebSocket hijacking: any page the user visits could otherwise drive the local server."""
+    with threaded(model) as srv:
+        own = f"127.0.0.1:{srv.port}"
+        assert handshake_status(srv.port, [("Host", own), ("Origin", "https://evil.example")]) == 403
+        assert handshake_status(srv.port, [("Host", own), ("Origin", f"http://{own}")]) == 101
+        assert handshake_status(srv.port, [("Host", f"localhost:{srv.port}"),
+                                           ("Origin", f"http://localhost:{srv.port}")]) == 101
+        rebound = f"evil.example:{srv.port}"  # DNS rebinding: the page's own name, pointed at 127.0.0.1
+        assert handshake_status(srv.port, [("Host", rebound), ("Origin", f"http://{rebound}")]) == 403
+        assert handshake_status(srv.port, [("Host", own), ("Origin", f"http://{own}"),
+                                           ("Origin", "https://evil.example")]) == 403
+        assert handshake_status(srv.port, [("Host", own)]) == 101  # no Origin: not a browser
+        with pytest.raises(websockets.InvalidStatus) as info:
+            sync_connect(srv.url, origin="https://evil.example")
+        assert info.value.response.status_code == 403
+        with sync_connect(srv.url) as ws:  # the server still serves everyone else
+            ws.send(json.dumps({"op": "info"}))
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+
+
+def test_two_authorization_headers_are_refused_not_a_crash(model, caplog):
+    with threaded(model, token="s3cret-token") as srv:
+        own = f"127.0.0.1:{srv.port}"
+        twice = [("Host", own), ("Authorization", "Bearer s3cret-token"), ("Authorization", "Bearer other")]
+        assert handshake_status(srv.port, twice) == 401
+        assert handshake_status(srv.port, twice[:2]) == 101
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
