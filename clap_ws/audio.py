@@ -99,6 +99,9 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
     mono = to_mono(frames)
     if spec.sample_rate != SAMPLE_RATE:
         mono = soxr.resample(mono, spec.sample_rate, SAMPLE_RATE, quality="HQ")
+        if len(mono) == 0:
+            raise AudioError(f"the audio is {len(frames)} sample{'s' if len(frames) > 1 else ''} at "
+                             f"{spec.sample_rate:g} Hz: shorter than one sample at {SAMPLE_RATE} Hz")
     if spec.normalize == "peak":
         peak = float(np.abs(mono).max())
         if peak > 0:

@@ -143,11 +143,15 @@ class ConnectionDefaults:
 Rate = StrictFloat  # a JSON number (ints accepted); strings and booleans are refused
 Text = Annotated[StrictStr, Field(min_length=1, max_length=2000)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+# A request id or an archive item id: echoed and stored, so bounded in type and size (JSON nested hundreds
+# deep cannot be encoded back, nor saved). Integers beyond 64 bits are read as floats by the JSON parser.
+ItemId = Annotated[StrictStr, Field(max_length=256)] | StrictInt
+RequestId = ItemId | StrictFloat | None
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    id: Any = None
+    id: RequestId = None
 
 
 class _Audio(_Message):
@@ -168,7 +172,7 @@ class _Scoring(_Audio):
     archive: Name | None = None
     k: StrictInt = Field(15, ge=1, le=10_000)
     archive_add: StrictBool = False
-    ids: list[Any] | None = None
+    ids: list[ItemId] | None = None
 
 
 class _EmbedMessage(_Scoring):
@@ -204,7 +208,7 @@ class _ArchiveMessage(_Audio):
     embedding: Any = None
     audio_buffer: StrictStr | None = None
     audio_buffers: list[StrictStr] | None = Field(None, min_length=1)
-    ids: list[Any] | None = None
+    ids: list[ItemId] | None = None
     k: StrictInt = Field(15, ge=1, le=10_000)
     top_k: StrictInt = Field(10, ge=1, le=1000)
 
@@ -302,7 +306,10 @@ def parse_binary(data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:
 
 def _vectors(value: Any, where: str, single: bool = False) -> np.ndarray:
     """JSON numbers -> (n, 512) float32 unit rows; anything else is ``bad_request``."""
-    array = np.asarray(value) if isinstance(value, list) else None
+    try:
+        array = np.asarray(value) if isinstance(value, list) else None
+    except ValueError:  # ragged lists
+        array = None
     if single and array is not None:
         array = array[None]
     shape = f"a list of {EMBED_DIM} numbers" if single else f"a list of lists of {EMBED_DIM} numbers"
@@ -357,8 +364,16 @@ def parse_text(text: str | bytes, defaults: ConnectionDefaults, max_items: int) 
     try:
         return _validate(data, defaults, max_items)
     except ClapError as exc:
-        exc.request_id = data.get("id")
+        request_id = data.get("id")
+        exc.request_id = request_id if _echoable(request_id) else None
         raise
+
+
+def _echoable(value: Any) -> bool:
+    """Whether an id can go back in an error reply: what :data:`RequestId` accepts."""
+    if isinstance(value, bool):
+        return False
+    return value is None or isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 256)
 
 
 def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Request:

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect as sync_connect
 
-from clap_ws.errors import ErrorCode
+from clap_ws.errors import ClapError, ErrorCode
 from clap_ws.server import ClapServer, ServerConfig
 
 DOCUMENTED_CODES = {code.value for code in ErrorCode} - {ErrorCode.MODEL_ERROR.value}  # start-up only
@@ -531,3 +531,72 @@ def test_two_authorization_headers_are_refused_not_a_crash(model, caplog):
         assert handshake_status(srv.port, twice) == 401
         assert handshake_status(srv.port, twice[:2]) == 101
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_ids_nested_or_huge_are_refused_and_archives_still_save(model, tmp_path):
+    """A nested id could not be encoded back (1011 and tracebacks) nor saved (every later flush failed)."""
+    deep = "[" * 1000 + '"x"' + "]" * 1000  # as JSON text: Python's own encoder would not go this deep
+    vector = json.dumps([1.0] * 512)
+    with threaded(model, archive_flush_s=3600) as srv:
+        srv.server.service.archives.directory = tmp_path  # persisted, flushed by hand below
+        with sync_connect(srv.url, max_size=None) as ws:
+            for message in ('{"op": "info", "id": %s}' % deep, '{"op": "info", "id": {"a": [1, 2]}}',
+                            '{"op": "archive_add", "archive": "run", "embedding": %s, "ids": [%s]}' % (vector, deep),
+                            json.dumps({"op": "archive_add", "archive": "run", "embedding": [1.0] * 512,
+                                        "ids": ["x" * 257]}),
+                            json.dumps({"op": "search", "embedding": [[1.0] * 512, [1.0] * 3]}),
+                            json.dumps({"op": "novelty", "archive": "run", "embeddings": [[1.0] * 512, [1.0] * 3]})):
+                ws.send(message)
+                reply = json.loads(ws.recv(timeout=TIMEOUT))
+                check_shape(reply)
+                assert reply["status"] == "ERROR" and reply["error"]["code"] == ErrorCode.BAD_REQUEST, reply
+                assert reply["id"] is None or isinstance(reply["id"], (str, int, float))
+            ws.send(json.dumps({"op": "archive_add", "archive": "good", "embedding": [1.0] * 512, "ids": ["a"],
+                                "id": 2**70}))
+            added = json.loads(ws.recv(timeout=TIMEOUT))
+            assert added["added"] == 1 and added["id"] == float(2**70)  # read as a float by the JSON parser
+            ws.send(json.dumps({"op": "archive_add", "archive": "run\n", "embedding": [1.0] * 512}))
+            assert json.loads(ws.recv(timeout=TIMEOUT))["error"]["code"] == ErrorCode.BAD_REQUEST
+            ws.send(tone(seconds=0.5).tobytes())
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"  # the connection is still usable
+        assert srv.call(srv.server.service.flush_archives) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz"]
+
+
+def test_a_one_sample_clip_at_192_khz_is_bad_audio_not_internal():
+    from clap_ws.audio import AudioSpec, load
+
+    with pytest.raises(ClapError) as info:
+        load(np.zeros(1, np.float32).tobytes(), AudioSpec(sample_rate=192_000), 60)
+    assert info.value.code == ErrorCode.BAD_AUDIO and "shorter than one sample" in info.value.message
+
+
+def test_archive_dir_with_damaged_and_unfinished_files_still_starts(tmp_path, caplog):
+    from clap_ws.search.archive import Archives
+
+    first = Archives(tmp_path)
+    first.get("good", create=True).add(np.ones((2, 512), np.float32), ["a", "b"])
+    first.get("other", create=True).add(np.ones((1, 512), np.float32), None)
+    assert first.flush() == 2
+    data = (tmp_path / "other.npz").read_bytes()
+    (tmp_path / "other.npz").write_bytes(data[: len(data) // 2])  # a copy cut short
+    (tmp_path / ".good.npz.4242.tmp").write_bytes(b"half a write")  # kill -9 during a flush
+    with caplog.at_level(logging.WARNING):
+        second = Archives(tmp_path)
+    assert second.names() == ["good"] and second.get("good").ids == ["a", "b"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "good.npz" and names[1].startswith("other.npz.damaged-") and len(names) == 2
+    assert "other.npz" in caplog.text and "moved aside" in caplog.text
+
+
+def test_one_archive_that_cannot_be_written_does_not_stop_the_others(tmp_path, caplog):
+    from clap_ws.search.archive import Archives
+
+    archives = Archives(tmp_path)
+    for name in ("a", "b", "c"):
+        archives.get(name, create=True).add(np.ones((1, 512), np.float32), None)
+    (tmp_path / "b.npz").mkdir()  # b's file cannot be replaced
+    assert archives.flush() == 2
+    assert (tmp_path / "a.npz").is_file() and (tmp_path / "c.npz").is_file() and archives.get("b").dirty
+    assert "writing archive 'b' failed" in caplog.text
+    assert not list(tmp_path.glob(".*.tmp"))  # the failed write left nothing behind

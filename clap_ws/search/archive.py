@@ -22,6 +22,7 @@ thread.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ from ..similarity import unit
 from .index import VectorIndex
 from .storage import read_npz, write_npz
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: "$" would let "run\n" through
+_log = logging.getLogger(__name__)
 
 
 class ArchiveError(ClapError):
@@ -90,19 +92,30 @@ class Archives:
         self._archives: dict[str, Archive] = {}
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".*.npz.*.tmp"):  # a write cut short (kill -9): never renamed
+                _log.warning("removing the unfinished write %s", stale.name)
+                stale.unlink(missing_ok=True)
             for path in sorted(self.directory.glob("*.npz")):
-                self._archives[path.stem] = self._read(path)
+                try:
+                    self._archives[path.stem] = self._read(path)
+                except Exception as exc:  # one damaged file must not take the good ones with it
+                    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+                    path.rename(aside)
+                    _log.error("archive file %s cannot be read (%s: %s); moved aside to %s", path.name,
+                               type(exc).__name__, exc, aside.name)
 
     @staticmethod
     def _read(path: Path) -> Archive:
         meta, arrays = read_npz(path)
+        if not isinstance(meta, dict) or len(meta.get("ids", ())) != len(arrays["embeddings"]):
+            raise ValueError("its ids do not match its embeddings")
         return Archive(path.stem, arrays["embeddings"], meta["ids"], meta.get("created"))
 
     def names(self) -> list[str]:
         return sorted(self._archives)
 
     def get(self, name: str, create: bool = False) -> Archive:
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ArchiveError(f"archive name {name!r} must be 1-64 letters, digits, '.', '_' or '-'",
                                code=ErrorCode.BAD_REQUEST)
         archive = self._archives.get(name)
@@ -124,14 +137,22 @@ class Archives:
         return len(archive)
 
     def flush(self) -> int:
-        """Write archives changed since the last flush; returns how many were written."""
+        """Write archives changed since the last flush; returns how many were written.
+
+        One archive that cannot be written (a full disk, say) is logged and
+        stays dirty for the next flush; it never stops the others being saved.
+        """
         if not self.directory:
             return 0
         written = 0
         for archive in list(self._archives.values()):
             if archive.dirty:
                 meta = {"ids": archive.ids, "created": archive.created}
-                write_npz(self.directory / f"{archive.name}.npz", meta, embeddings=archive.index.vectors)
+                try:
+                    write_npz(self.directory / f"{archive.name}.npz", meta, embeddings=archive.index.vectors)
+                except Exception:
+                    _log.exception("writing archive %r failed; it is kept in memory and retried", archive.name)
+                    continue
                 archive.dirty = False
                 written += 1
         return written
