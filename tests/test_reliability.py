@@ -540,8 +540,9 @@ def test_ids_nested_or_huge_are_refused_and_archives_still_save(model, tmp_path)
     with threaded(model, archive_flush_s=3600) as srv:
         srv.server.service.archives.directory = tmp_path  # persisted, flushed by hand below
         with sync_connect(srv.url, max_size=None) as ws:
-            for message in ('{"op": "info", "id": %s}' % deep, '{"op": "info", "id": {"a": [1, 2]}}',
-                            '{"op": "archive_add", "archive": "run", "embedding": %s, "ids": [%s]}' % (vector, deep),
+            for message in ('{"op": "info", "id": ' + deep + "}", '{"op": "info", "id": {"a": [1, 2]}}',
+                            '{"op": "archive_add", "archive": "run", "embedding": ' + vector
+                            + ', "ids": [' + deep + "]}",
                             json.dumps({"op": "archive_add", "archive": "run", "embedding": [1.0] * 512,
                                         "ids": ["x" * 257]}),
                             json.dumps({"op": "search", "embedding": [[1.0] * 512, [1.0] * 3]}),
