@@ -41,6 +41,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
+from websockets.protocol import State
 
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
@@ -148,10 +149,18 @@ class ClapServer:
         return self
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish, close connections, stop the worker."""
+        """Stop accepting, let in-flight requests finish, close connections, stop the worker.
+
+        ``shutdown_timeout`` is a deadline, not a hope: in-flight requests get
+        until then, closing handshakes a second more, and any connection still
+        open after that (a client that reads nothing, say) is aborted, so the
+        archives are always flushed and the process always exits.
+        """
         if self._draining or self._server is None:
             return
         self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_timeout
         self._server.close(close_connections=False)
         waits = [q.join() for q in self._pending.values()]
         if waits:
@@ -159,9 +168,19 @@ class ClapServer:
                 await asyncio.wait_for(asyncio.gather(*waits), self.config.shutdown_timeout)
             except asyncio.TimeoutError:
                 _log.warning("shutdown: in-flight requests did not finish in %.0f s", self.config.shutdown_timeout)
-        for connection in list(self._pending):
-            await connection.close(1001, "server shutting down")
-        await self._server.wait_closed()
+        connections = list(self._pending)
+        closing = [asyncio.ensure_future(c.close(1001, "server shutting down")) for c in connections]
+        if closing:
+            await asyncio.wait(closing, timeout=max(1.0, deadline - loop.time()))
+        stuck = [c for c in connections if c.state is not State.CLOSED]
+        if stuck:
+            _log.warning("shutdown: aborting %d connection(s) that did not close in time", len(stuck))
+            for connection in stuck:
+                connection.transport.abort()
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+        except asyncio.TimeoutError:
+            _log.warning("shutdown: connection handlers still running; going on")
         for task in (self._watchdog, self._flusher):
             if task:
                 task.cancel()
@@ -290,11 +309,17 @@ class ClapServer:
                 pending.task_done()
 
     async def _write(self, ws: ServerConnection, pending: asyncio.Queue) -> None:
+        """Send replies in order. A client that takes none for ``ping_timeout`` seconds is dropped: keepalive
+        pings cannot tell, since they wait behind the full send buffer before their own timeout starts."""
         while True:
             reply = await pending.get()
             try:
                 payload, text = await reply
-                await ws.send(payload, text=text)
+                await asyncio.wait_for(ws.send(payload, text=text), self.config.ping_timeout)
+            except asyncio.TimeoutError:
+                _log.info("dropping a client that read nothing for %.0f s", self.config.ping_timeout)
+                ws.transport.abort()
+                return
             except ConnectionClosed:
                 return
             except Exception:  # a bug must cost one reply, never the connection's writer

@@ -601,3 +601,71 @@ def test_one_archive_that_cannot_be_written_does_not_stop_the_others(tmp_path, c
     assert (tmp_path / "a.npz").is_file() and (tmp_path / "c.npz").is_file() and archives.get("b").dirty
     assert "writing archive 'b' failed" in caplog.text
     assert not list(tmp_path.glob(".*.tmp"))  # the failed write left nothing behind
+
+
+class RawClient:
+    """A WebSocket client that sends and never reads: its receive buffer fills, then the server's send blocks."""
+
+    def __init__(self, port: int):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(b"GET /clap HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert b" 101 " in self.sock.recv(1024)
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        size = len(payload)
+        header = bytes([0x81]) + (bytes([0x80 | size]) if size < 126 else
+                                  bytes([0x80 | 126]) + size.to_bytes(2, "big") if size < 65536 else
+                                  bytes([0x80 | 127]) + size.to_bytes(8, "big"))
+        self.sock.sendall(header + b"\0\0\0\0" + payload)  # a zero mask leaves the payload as it is
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def flood_without_reading(srv, replies: int = 12) -> RawClient:
+    """Big cached replies (1,024 text embeddings, about 5 MB each) that the client never reads."""
+    with sync_connect(srv.url) as ws:
+        ws.send(json.dumps({"op": "embed_text", "texts": ["a bell"]}))
+        assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"  # cached from now on
+    client = RawClient(srv.port)
+    for i in range(replies):
+        client.send_text(json.dumps({"op": "embed_text", "texts": ["a bell"] * 1024, "id": i}))
+    return client
+
+
+def test_shutdown_timeout_is_a_deadline_even_with_a_client_that_reads_nothing(model, tmp_path):
+    srv = ThreadedServer(model, shutdown_timeout=2, ping_interval=60, ping_timeout=60)
+    srv.server.service.archives.directory = tmp_path
+    client = flood_without_reading(srv)
+    try:
+        srv.call(lambda: srv.server.service._in_pool(
+            lambda: srv.server.service.archives.get("run", create=True).add(np.ones((1, 512), np.float32), None)))
+        time.sleep(2)  # the server's send buffer to that client is full by now
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 12  # 2 s deadline, a second for closing, aborts, the worker's stop
+        assert (tmp_path / "run.npz").is_file()  # archives were flushed on the way out
+    finally:
+        client.close()
+
+
+def test_a_client_that_reads_nothing_is_dropped_after_the_ping_timeout(model):
+    with threaded(model, ping_interval=1, ping_timeout=2) as srv:
+        client = flood_without_reading(srv)
+        try:
+            deadline = time.monotonic() + 30
+            while srv.server._pending and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not srv.server._pending  # dropped, though pings alone could not tell
+            with sync_connect(srv.url) as ws:  # and everyone else is served
+                ws.send(json.dumps({"op": "info"}))
+                assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+        finally:
+            client.close()
