@@ -54,7 +54,8 @@ def export(folder: Path, windows: int) -> dict:
     """Write the log-mel input and the fp32 network as ONNX into ``folder``."""
     import torch
 
-    from clap_ws.model import WINDOW_SAMPLES, ClapModel
+    from clap_ws.constants import WINDOW_SAMPLES
+    from clap_ws.model import ClapModel
     from clap_ws.model.openvino_audio import export_onnx
     from clap_ws.model.towers import AudioBody, log_mel, unpack_linears
 
