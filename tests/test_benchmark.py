@@ -9,6 +9,7 @@ import pytest
 from helpers import ROOT
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--quick",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
@@ -23,6 +24,7 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_ab_runs_two_checkouts_side_by_side():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab.py"), str(ROOT), "--requests", "2",
                              "--seconds", "0.5", "--new-options=--chunk 2", "--", "--max-batch", "4"],

@@ -60,6 +60,7 @@ def test_loaded_weights_differ_from_the_default_untrained_model(tiny, fp32_model
     assert cosine(a, b) < 0.99
 
 
+@pytest.mark.slow
 def test_base_checkpoint_is_detected_without_being_told(tmp_path):
     net = ClapModel.untrained(Architecture("HTSAT-base"), seed=2, precision="fp32").net
     path = write_laion_checkpoint(net, tmp_path / "music_audioset_epoch_15_esc_90.14.pt")
@@ -133,6 +134,7 @@ def test_text_without_tokenizer_is_a_clear_error_and_audio_still_works(tiny):
     assert ex.extract_embedding(tone(seconds=1)).shape == (512,)
 
 
+@pytest.mark.slow
 def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
     """fp32, same weights, same 48 kHz clips: laion-clap's own embedding (cosine >= 0.99999)."""
     from clap_ws.model.tokenizer import byte_level_tokenizer
@@ -335,6 +337,7 @@ def test_many_texts_go_through_in_chunks_with_the_same_result(model, monkeypatch
         assert cosine(model.embed_text([text])[0], row) >= 0.9999
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager(model):
     """--compile: both towers compiled (one audio chunk shape here; ~2 min on 2 cores) match eager."""
     # on a network of its own: compiling unpacks the linears, and later tests' servers share ``model``'s network

@@ -104,6 +104,7 @@ def test_incremental_build_embeds_only_what_changed(model, tmp_path):
     assert (report.embedded, report.reused) == (0, 9)
 
 
+@pytest.mark.slow
 def test_build_killed_with_sigkill_resumes_without_loss_or_duplicates(model, tmp_path):
     root = tmp_path / "many"
     root.mkdir()
@@ -184,6 +185,7 @@ def test_flat_library_file_keeps_a_faiss_flat_index(tmp_path):
     assert lib.search(vectors[42], 1)[0][0]["path"] == "42.wav"
 
 
+@pytest.mark.slow
 def test_hnsw_recall_at_10_on_a_synthetic_100k_library():
     """Embeddings with a low intrinsic dimension, as CLAP's are; queries near, not on, items."""
     rng = np.random.default_rng(0)

@@ -165,6 +165,7 @@ FUZZ_STATS = {"messages": 0, "replies": 0}
 
 @settings(max_examples=72, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.lists(messages(), min_size=140, max_size=140))
+@pytest.mark.slow
 def test_fuzz_every_message_gets_one_documented_reply(fuzz_server, batch):
     with sync_connect(fuzz_server.url, max_size=None, open_timeout=30) as ws:
         for message in batch:  # pipelined: everything sent before any reply is read
@@ -176,6 +177,7 @@ def test_fuzz_every_message_gets_one_documented_reply(fuzz_server, batch):
     FUZZ_STATS["messages"] += len(batch)
 
 
+@pytest.mark.slow
 def test_fuzz_totals_and_memory(fuzz_server):
     """Runs after the fuzz test in this module: at least 10,000 messages, and the server is fine."""
     assert FUZZ_STATS["messages"] >= 10_000, FUZZ_STATS
@@ -253,6 +255,7 @@ def seed_archive(url: str) -> None:
         assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
 
 
+@pytest.mark.slow
 def test_256_connections_x_20_requests_each_answered_exactly_once(model):
     with threaded(model, max_queue=4096) as srv:
         seed_archive(srv.url)
@@ -318,6 +321,7 @@ def soak(model, requests: int, connections: int, audio_every: int, waves: int = 
                 "rss_floor_growth_mb": min(rss[half:]) - min(rss[:half]), "rss_mb": rss}
 
 
+@pytest.mark.slow
 def test_soak_20000_requests_memory_flat():
     """In a fresh interpreter: the suite's own leftovers must not count as the server's growth."""
     code = ("import json, conftest, test_reliability as t; from clap_ws.model import ClapModel; "
