@@ -20,8 +20,13 @@ Every model call, the warm-up included (``on_start``), happens on that one
 thread: torch's OpenMP pool is per calling thread, and a second pool left
 spinning on a 2-core machine slows the first.
 
-Bounded by design: past ``max_queue`` pending items :meth:`submit` raises
-:class:`~clap_ws.errors.Busy` at once instead of letting memory grow. A
+Fair by design: each item is queued under its caller's ``key`` (a
+connection), and a batch takes one item from each waiting caller in turn, so
+a caller with one item in flight waits about one batch whatever another has
+queued. Bounded by design: the queue holds at most ``max_queue`` units of
+``cost`` (the server counts 10-s windows and texts, the work a request buys),
+and past that :meth:`submit` raises :class:`~clap_ws.errors.Busy` at once; an
+item costing more than the whole queue can hold is ``too_many_items``. A
 future cancelled before its batch starts (the client went away) is dropped
 without running. A handler exception fails only that batch's futures.
 """
@@ -33,7 +38,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -49,6 +54,7 @@ class _Pending(Generic[T]):
     item: T
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    cost: int = 1
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
@@ -85,28 +91,48 @@ class MicroBatcher(Generic[T, R]):
         self.batches = 0  # handler calls
         self.items = 0  # items handed to the handler
         self.dropped = 0  # items whose caller had gone before their batch
-        self._queue: collections.deque[_Pending[T]] = collections.deque()
+        self._queues: dict[Hashable, collections.deque[_Pending[T]]] = {}  # per caller, in arrival order
+        self._depth = 0  # items queued
+        self._load = 0  # their cost
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     # ---- caller side (event loop thread) --------------------------------
-    def submit(self, item: T) -> asyncio.Future:
-        """Queue ``item``; the returned future resolves to the handler's result for it."""
+    def submit(self, item: T, *, key: Hashable = None, cost: int = 1) -> asyncio.Future:
+        """Queue ``item`` for the caller ``key``; the future resolves to the handler's result for it.
+
+        Raises :class:`~clap_ws.errors.Busy` when ``cost`` does not fit in
+        what is left of ``max_queue``, and ``too_many_items`` when it exceeds
+        ``max_queue`` itself (it would never fit).
+        """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        cost = max(1, int(cost))
+        if cost > self.max_queue:
+            raise ClapError(f"this request is {cost} units of work (10-s windows and texts); the server queues at "
+                            f"most {self.max_queue}: send it in parts", code=ErrorCode.TOO_MANY_ITEMS)
         with self._cond:
             if self._stopping:
                 raise ClapError("the inference worker is stopping", code=ErrorCode.SHUTTING_DOWN)
-            if len(self._queue) >= self.max_queue:
-                raise Busy(f"the inference queue is full ({self.max_queue} requests waiting); retry shortly")
-            self._queue.append(_Pending(item, future, loop))
+            if self._load + cost > self.max_queue:
+                raise Busy(f"the inference queue is full ({self._load} of {self.max_queue} units of work "
+                           f"waiting, this request needs {cost}); retry shortly")
+            self._queues.setdefault(key, collections.deque()).append(_Pending(item, future, loop, cost))
+            self._depth += 1
+            self._load += cost
             self._cond.notify()
         return future
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Items queued."""
+        return self._depth
+
+    @property
+    def load(self) -> int:
+        """Units of work queued (what ``max_queue`` bounds)."""
+        return self._load
 
     @property
     def alive(self) -> bool:
@@ -131,18 +157,28 @@ class MicroBatcher(Generic[T, R]):
     # ---- worker side ------------------------------------------------------
     def _take(self) -> list[_Pending[T]] | None:
         with self._cond:
-            while not self._queue:
+            while not self._depth:
                 if self._stopping:
                     return None
                 self._cond.wait()
             deadline = time.monotonic() + self.max_wait
-            while len(self._queue) < self.max_batch and not self._stopping:
+            while self._depth < self.max_batch and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            n = min(self.max_batch, len(self._queue))
-            return [self._queue.popleft() for _ in range(n)]
+            batch: list[_Pending[T]] = []
+            while len(batch) < self.max_batch and self._queues:  # round-robin: one per caller per turn
+                for key in list(self._queues):
+                    queue = self._queues.pop(key)
+                    batch.append(queue.popleft())
+                    if queue:  # to the back of the line, so callers beyond max_batch get the next batch
+                        self._queues[key] = queue
+                    if len(batch) == self.max_batch:
+                        break
+            self._depth -= len(batch)
+            self._load -= sum(p.cost for p in batch)
+            return batch
 
     def _run(self) -> None:
         if self.on_start is not None and not self.ready.is_set():

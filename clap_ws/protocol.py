@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -143,10 +144,31 @@ class ConnectionDefaults:
 Rate = StrictFloat  # a JSON number (ints accepted); strings and booleans are refused
 Text = Annotated[StrictStr, Field(min_length=1, max_length=2000)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
-# A request id or an archive item id: echoed and stored, so bounded in type and size (JSON nested hundreds
-# deep cannot be encoded back, nor saved). Integers beyond 64 bits are read as floats by the JSON parser.
-ItemId = Annotated[StrictStr, Field(max_length=256)] | StrictInt
-RequestId = ItemId | StrictFloat | None
+ID_DEPTH, ID_BYTES = 8, 1024  # bounds of an id: JSON nested hundreds deep can be neither echoed nor saved
+
+
+def _bounded_id(value: Any) -> Any:
+    """A request or item id: any JSON value at most ``ID_DEPTH`` deep and ``ID_BYTES`` long once encoded."""
+    if not _id_within_bounds(value):
+        raise ValueError(f"an id must be JSON at most {ID_DEPTH} levels deep and {ID_BYTES} bytes long")
+    return value
+
+
+def _id_within_bounds(value: Any, depth: int = 0) -> bool:
+    if depth > ID_DEPTH:
+        return False
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return depth > 0 or len(orjson.dumps(value)) <= ID_BYTES
+    return all(_id_within_bounds(v, depth + 1) for v in items) and (depth > 0 or len(orjson.dumps(value)) <= ID_BYTES)
+
+
+# Echoed and stored, so bounded (see _bounded_id). Integers beyond 64 bits are read as floats by the JSON parser.
+ItemId = Annotated[Any, AfterValidator(_bounded_id)]
+RequestId = ItemId
 
 
 class _Message(BaseModel):
@@ -371,9 +393,10 @@ def parse_text(text: str | bytes, defaults: ConnectionDefaults, max_items: int) 
 
 def _echoable(value: Any) -> bool:
     """Whether an id can go back in an error reply: what :data:`RequestId` accepts."""
-    if isinstance(value, bool):
+    try:
+        return _id_within_bounds(value)
+    except (TypeError, orjson.JSONEncodeError):
         return False
-    return value is None or isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 256)
 
 
 def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Request:

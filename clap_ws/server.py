@@ -31,7 +31,7 @@ import hmac
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
@@ -298,7 +298,9 @@ class ClapServer:
         writer = asyncio.create_task(self._write(ws, pending))
         try:
             async for message in ws:
-                await pending.put(self._accept(message, defaults, descriptor))
+                reply = self._accept(message, defaults, descriptor, client=id(ws))
+                del message  # only the windows made from it wait for the model, not the frame
+                await pending.put(reply)
         except ConnectionClosed:
             pass
         finally:
@@ -328,7 +330,8 @@ class ClapServer:
             finally:
                 pending.task_done()
 
-    def _accept(self, message: str | bytes, defaults: ConnectionDefaults, descriptor: bool) -> asyncio.Future:
+    def _accept(self, message: str | bytes, defaults: ConnectionDefaults, descriptor: bool,
+                client: Hashable = None) -> asyncio.Future:
         """Validate a message and queue its work; return the future of its reply frame."""
         received = time.perf_counter()
         request_id = None
@@ -340,7 +343,7 @@ class ClapServer:
             else:
                 request = parse_binary(message, defaults)
             request_id = request.id
-            work = self.service.dispatch(request, received, descriptor, self._server_info)
+            work = self.service.dispatch(request, received, descriptor, self._server_info, client=client)
             return asyncio.ensure_future(_guarded(work, request_id))
         except ClapError as exc:
             return done((error_reply(exc, request_id), True))

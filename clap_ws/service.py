@@ -21,9 +21,10 @@ result instead of running a model call of their own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -104,47 +105,54 @@ class Service:
 
     # ---- dispatch ---------------------------------------------------------------------
     def dispatch(self, request: Request, received: float, descriptor: bool = False,
-                 extra_info: Callable[[], dict] | None = None) -> Awaitable[Reply]:
+                 extra_info: Callable[[], dict] | None = None, client: Hashable = None) -> Awaitable[Reply]:
         """Do the synchronous part of ``request`` now; the awaitable yields its reply frame.
 
         Raises :class:`~clap_ws.errors.ClapError` at once for what can be
         known before any model work: ``busy``, an unknown library or archive,
         bad audio, no tokenizer. ``descriptor`` adds behaviour descriptors
-        (``/clap-bd``); ``extra_info`` adds the server's fields to ``info``.
+        (``/clap-bd``); ``extra_info`` adds the server's fields to ``info``;
+        ``client`` (a connection) is whose turn the model work waits for (see
+        :mod:`clap_ws.batching`).
         """
         match request:
             case EmbedRequest():
-                return self._embed(request, received, descriptor)
+                return self._embed(request, received, descriptor, client)
             case TextRequest():
-                return self._embed_text(request, received)
+                return self._embed_text(request, received, client)
             case SearchRequest():
-                return self._search(request)
+                return self._search(request, client)
             case ArchiveRequest():
-                return self._archive(request)
+                return self._archive(request, client)
             case InfoRequest():
                 return done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
-    def _audio(self, buffers: list, spec, name: str = "audio_buffers") -> asyncio.Future:
+    def _audio(self, buffers: list, spec, client: Hashable = None) -> asyncio.Future:
+        """Decode, resample and window every buffer now; queue them as one job costing its windows."""
+        clips = self._decode(buffers, spec)
+        return self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
+
+    def _decode(self, buffers: list, spec) -> list[np.ndarray]:
         clips = []
         for i, data in enumerate(buffers):
             try:
                 clips.append(windows(load(data, spec, self.max_seconds), spec.long_clip))
             except ClapError as exc:
                 if len(buffers) > 1:
-                    exc.args = (f"{name}[{i}]: {exc.message}",)
+                    exc.args = (f"audio_buffers[{i}]: {exc.message}",)
                 raise
-        return self.batcher.submit(AudioJob(clips))
+        return clips
 
-    def _texts(self, texts) -> Callable[[], Awaitable[np.ndarray]]:
+    def _texts(self, texts, client: Hashable = None) -> Callable[[], Awaitable[np.ndarray]]:
         """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512)."""
         if self.model.tokenizer is None:
             self.model.embed_text([])  # raises TextUnavailable with the full explanation
         found, missing = self.text_cache.lookup(texts)
         new = [t for t in missing if t not in self._texts_in_flight]
         if new:
-            job = self.batcher.submit(TextJob(new))
+            job = self.batcher.submit(TextJob(new), key=client, cost=len(new))
             loop = asyncio.get_running_loop()
             rows = {t: loop.create_future() for t in new}
             self._texts_in_flight.update(rows)
@@ -191,14 +199,15 @@ class Service:
         return [sorted(row, key=lambda m: -m["score"])[:k] for row in per_query]
 
     # ---- ops ------------------------------------------------------------------------------
-    def _embed(self, req: EmbedRequest, received: float, descriptor: bool) -> Awaitable[Reply]:
+    def _embed(self, req: EmbedRequest, received: float, descriptor: bool, client: Hashable) -> Awaitable[Reply]:
         sc = req.scoring
         libraries = self._library(sc.library) if sc.top_k else []
         if sc.archive and not sc.archive_add:
             self.archives.get(sc.archive)  # unknown archive: say so now
-        audio = self._audio(req.buffers, req.spec)
+        audio = self._audio(req.buffers, req.spec, client)
         warnings = [[*req.warnings, *sample_warnings(data, req.spec)] for data in req.buffers]
-        prompts = self._texts(sc.prompts) if sc.prompts else None
+        req = dataclasses.replace(req, buffers=[])  # the windows are made: the frames need not wait for the reply
+        prompts = self._texts(sc.prompts, client) if sc.prompts else None
 
         async def finish() -> Reply:
             result = await audio
@@ -236,9 +245,9 @@ class Service:
             archive.add(emb, list(sc.ids) if sc.ids is not None else None)
         return {"novelty": novelty, "archive_count": [len(archive)] * len(emb)}
 
-    def _embed_text(self, req: TextRequest, received: float) -> Awaitable[Reply]:
+    def _embed_text(self, req: TextRequest, received: float, client: Hashable) -> Awaitable[Reply]:
         cached_before = sum(t in self.text_cache for t in set(req.texts))
-        gather = self._texts(req.texts)
+        gather = self._texts(req.texts, client)
 
         async def finish() -> Reply:
             emb = await gather()
@@ -248,10 +257,11 @@ class Service:
 
         return finish()
 
-    def _search(self, req: SearchRequest) -> Awaitable[Reply]:
+    def _search(self, req: SearchRequest, client: Hashable) -> Awaitable[Reply]:
         libraries = self._library(req.library)
-        text = self._texts([req.text]) if req.text else None
-        audio = self._audio(req.buffers, req.spec) if req.buffers else None
+        text = self._texts([req.text], client) if req.text else None
+        audio = self._audio(req.buffers, req.spec, client) if req.buffers else None
+        req = dataclasses.replace(req, buffers=[])
 
         async def finish() -> Reply:
             sound: np.ndarray | None = (await audio).embeddings[0] if audio is not None else \
@@ -268,12 +278,13 @@ class Service:
 
         return finish()
 
-    def _archive(self, req: ArchiveRequest) -> Awaitable[Reply]:
+    def _archive(self, req: ArchiveRequest, client: Hashable) -> Awaitable[Reply]:
         """Archive ops: checks and audio queueing now, then the op's own method on the index thread."""
         op: Callable[[ArchiveRequest, np.ndarray | None], dict] = getattr(self, "_" + req.op)
         if req.op in ("novelty", "archive_search"):
             self._archive_named(req)  # unknown archive: say so before any model work
-        audio = self._audio(req.buffers, req.spec) if req.buffers else None
+        audio = self._audio(req.buffers, req.spec, client) if req.buffers else None
+        req = dataclasses.replace(req, buffers=[])
 
         async def finish() -> Reply:
             vectors = (await audio).embeddings if audio is not None else req.embeddings

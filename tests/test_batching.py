@@ -114,3 +114,49 @@ def test_invalid_knobs_are_rejected():
     for kwargs in ({"max_batch": 0}, {"max_queue": 0}, {"max_wait_ms": -1}):
         with pytest.raises(ValueError):
             MicroBatcher(lambda items: items, **kwargs)
+
+
+async def test_a_polite_caller_waits_one_batch_whatever_a_greedy_one_has_queued():
+    """Round-robin across callers: 64 items of one connection do not delay another's one item past a batch."""
+    handler = Recorder()
+    async with running(handler, max_batch=4, max_wait_ms=0) as batcher:
+        handler.gate.clear()
+        first = batcher.submit(-1, key="greedy")
+        assert await asyncio.to_thread(handler.entered.wait, 10)  # the worker is busy with item -1
+        greedy = [batcher.submit(i, key="greedy") for i in range(64)]
+        polite = batcher.submit(1000, key="polite")
+        handler.gate.set()
+        await asyncio.gather(first, polite, *greedy)
+        assert 1000 in handler.batches[1]  # the very next batch, not the seventeenth
+        assert [i for b in handler.batches for i in b if i < 1000] == list(range(-1, 64))  # each caller FIFO
+
+
+async def test_callers_beyond_max_batch_take_turns_across_batches():
+    handler = Recorder()
+    async with running(handler, max_batch=2, max_wait_ms=0) as batcher:
+        handler.gate.clear()
+        first = batcher.submit(-1, key="x")
+        assert await asyncio.to_thread(handler.entered.wait, 10)
+        futures = [batcher.submit(10 * c + i, key=c) for i in range(3) for c in range(3)]  # 3 callers, 3 each
+        handler.gate.set()
+        await asyncio.gather(first, *futures)
+        served = [sorted(i // 10 for i in b) for b in handler.batches[1:]]
+        assert served == [[0, 1], [0, 2], [1, 2], [0, 1], [2]]  # a caller served goes to the back of the line
+
+
+async def test_admission_counts_work_not_requests():
+    handler = Recorder()
+    async with running(handler, max_batch=4, max_queue=10) as batcher:
+        handler.gate.clear()
+        first = batcher.submit(0, cost=1)
+        assert await asyncio.to_thread(handler.entered.wait, 10)
+        big = batcher.submit(1, key="a", cost=8)
+        with pytest.raises(Busy, match="8 of 10 units"):
+            batcher.submit(2, key="b", cost=3)  # 8 + 3 > 10
+        small = batcher.submit(3, key="b", cost=2)  # 8 + 2 fits
+        with pytest.raises(ClapError) as info:
+            batcher.submit(4, key="c", cost=11)  # would never fit
+        assert info.value.code == "too_many_items" and batcher.load == 10
+        handler.gate.set()
+        assert await asyncio.gather(first, big, small) == [0, 10, 30]
+        assert batcher.load == 0 and batcher.depth == 0

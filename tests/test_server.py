@@ -378,3 +378,29 @@ async def test_careless_clients_are_told_what_went_wrong(server):
     assert batch["warnings"][0] == [] and "clipped" in batch["warnings"][1][0]
     assert "warnings" not in peak
     assert len(pcm16) % 4 == 0  # int16 PCM of even length decodes as float32: it is caught by its values
+
+
+async def test_a_queued_frame_is_not_kept_once_its_windows_are_made(model):
+    """Memory bounded in bytes: a request waiting for the model holds its 10-s windows, not its frame."""
+    import gc
+    import weakref
+
+    from clap_ws.protocol import ConnectionDefaults, parse_binary
+    from clap_ws.service import Service
+
+    class Frame(bytearray):  # bytes that a weak reference can watch
+        pass
+
+    service = Service(model, warm_up=False)
+    try:
+        service.batcher.stop(5)  # nothing is taken off the queue: the request waits there
+        service.batcher._stopping = False
+        frame = Frame(tone(seconds=3).tobytes())
+        watch = weakref.ref(frame)
+        reply = service.dispatch(parse_binary(frame, ConnectionDefaults()), 0.0, client="c")
+        del frame
+        gc.collect()
+        assert watch() is None and service.batcher.load == 1  # queued: one window, no frame
+        reply.close()
+    finally:
+        service.close()
