@@ -37,10 +37,13 @@ _SERVER_HELP = {
     "max_seconds": "longest clip accepted, in seconds (default %(default)s)",
     "max_batch": "most requests gathered into one batch (default %(default)s)",
     "max_wait_ms": "how long a batch waits for more requests (default %(default)s ms)",
-    "max_queue": "requests waiting for the model before replies are `busy` (default %(default)s)",
+    "max_queue": "units of work (10-s audio windows and texts) waiting for the model before replies are `busy` "
+                 "(default %(default)s)",
     "max_items": "most buffers, embeddings, texts, prompts or references in one request (default %(default)s)",
     "max_frame_mb": "largest WebSocket frame in MiB; larger closes with 1009 (default %(default)s)",
     "max_pipeline": "unanswered requests per connection before it stops being read (default %(default)s)",
+    "max_pending_mb": "MiB of finished replies a connection has not taken before it stops being read "
+                      "(default %(default)s)",
     "max_connections": "open connections before new ones close with 1013 (default %(default)s)",
     "ping_interval": "seconds between keepalive pings (default %(default)s)",
     "ping_timeout": "seconds to wait for a pong before dropping a client (default %(default)s)",

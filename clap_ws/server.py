@@ -78,6 +78,7 @@ class ServerConfig:
     max_items: int = 1024  # buffers, embeddings, texts or prompts per request
     max_frame_mb: float = 128.0
     max_pipeline: int = 64  # unanswered requests per connection before reading pauses
+    max_pending_mb: float = 64.0  # bytes of finished, unsent replies per connection before reading pauses
     max_connections: int = 1024
     ping_interval: float = 20.0
     ping_timeout: float = 60.0
@@ -102,6 +103,27 @@ async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[byt
         return error_reply(ClapError(f"internal error: {exc}"), request_id), True
 
 
+class _Held:
+    """Bytes of a connection's replies that are finished but not sent yet, and whether it may send more work."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.bytes = 0
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def finished(self, reply: asyncio.Future) -> None:
+        if not reply.cancelled() and reply.exception() is None:
+            self.bytes += len(reply.result()[0])
+            if self.bytes > self.limit:
+                self.room.clear()
+
+    def sent(self, size: int) -> None:
+        self.bytes -= size
+        if self.bytes <= self.limit:
+            self.room.set()
+
+
 class ClapServer:
     """Serve one resident model over WebSocket. Use ``async with`` or start/shutdown."""
 
@@ -119,6 +141,7 @@ class ClapServer:
         self.started = time.time()
         self._server: Server | None = None
         self._pending: dict[ServerConnection, asyncio.Queue] = {}
+        self._held: dict[ServerConnection, _Held] = {}
         self._draining = False
         self._watchdog: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
@@ -295,37 +318,47 @@ class ClapServer:
         defaults = parse_query(url.query, self.config.sample_rate)
         pending: asyncio.Queue = asyncio.Queue(self.config.max_pipeline)
         self._pending[ws] = pending
-        writer = asyncio.create_task(self._write(ws, pending))
+        held = _Held(int(self.config.max_pending_mb * MiB))
+        self._held[ws] = held
+        writer = asyncio.create_task(self._write(ws, pending, held))
         try:
             async for message in ws:
+                await held.room.wait()  # a client that takes no replies gets no more work done: bounded in bytes
                 reply = self._accept(message, defaults, descriptor, client=id(ws))
                 del message  # only the windows made from it wait for the model, not the frame
+                reply.add_done_callback(held.finished)
                 await pending.put(reply)
         except ConnectionClosed:
             pass
         finally:
             del self._pending[ws]
+            self._held.pop(ws, None)
             writer.cancel()
             while not pending.empty():  # the client left with work queued: drop it
                 pending.get_nowait().cancel()
                 pending.task_done()
 
-    async def _write(self, ws: ServerConnection, pending: asyncio.Queue) -> None:
+    async def _write(self, ws: ServerConnection, pending: asyncio.Queue, held: _Held) -> None:
         """Send replies in order. A client that takes none for ``ping_timeout`` seconds is dropped: keepalive
         pings cannot tell, since they wait behind the full send buffer before their own timeout starts."""
         while True:
             reply = await pending.get()
+            payload = b""
             try:
                 payload, text = await reply
                 await asyncio.wait_for(ws.send(payload, text=text), self.config.ping_timeout)
+                held.sent(len(payload))
             except asyncio.TimeoutError:
                 _log.info("dropping a client that read nothing for %.0f s", self.config.ping_timeout)
                 ws.transport.abort()
+                held.room.set()  # let the reader see the closed connection and end
                 return
             except ConnectionClosed:
+                held.room.set()
                 return
             except Exception:  # a bug must cost one reply, never the connection's writer
                 _log.exception("could not send a reply")
+                held.sent(len(payload))
                 await ws.send(error_reply(ClapError("internal error while replying")), text=True)
             finally:
                 pending.task_done()

@@ -675,3 +675,27 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_ping_timeout(model):
                 assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
         finally:
             client.close()
+
+
+def test_a_client_holding_too_many_unread_reply_bytes_is_not_read_from(model):
+    """Four replies of about 7 MB, never read, pass --max-pending-mb 16: the server reads nothing more from
+    that client (so it starts no more work for it) until it takes some; everyone else is served."""
+    with threaded(model, max_pending_mb=16, ping_timeout=60) as srv:
+        client = flood_without_reading(srv, replies=4)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(h.bytes > 16 * 2**20 for h in srv.server._held.values()):
+                time.sleep(0.2)
+            time.sleep(1)
+            held, served = [h.bytes for h in srv.server._held.values()], srv.server.batcher.items
+            assert held and held[0] > 16 * 2**20
+            for i in range(8):
+                client.send_text(json.dumps({"op": "embed_text", "texts": ["a bell"] * 1024, "id": 100 + i}))
+            with sync_connect(srv.url) as ws:  # everyone else is served meanwhile
+                ws.send(json.dumps({"op": "embed_text", "texts": ["a drum"]}))
+                assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+            time.sleep(1)
+            assert [h.bytes for h in srv.server._held.values()] == held  # nothing more was read or answered
+            assert srv.server.batcher.items == served + 1  # only the other client's request ran
+        finally:
+            client.close()
