@@ -103,6 +103,27 @@ async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[byt
         return error_reply(ClapError(f"internal error: {exc}"), request_id), True
 
 
+FD_RESERVE = 64  # descriptors kept for files, the model's libraries, logs and the listening sockets
+
+
+def open_file_room(connections: int) -> int:
+    """Raise the soft open-file limit toward the hard one, as far as ``connections`` need; return how many
+    connections the limit leaves room for. Each connection is a descriptor, and past the limit every accept
+    fails (EMFILE) while clients time out."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return connections if soft == resource.RLIM_INFINITY else max(1, min(connections, soft - FD_RESERVE))
+
+
 class _Held:
     """Bytes of a connection's replies that are finished but not sent yet, and whether it may send more work."""
 
@@ -147,10 +168,17 @@ class ClapServer:
         self._flusher: asyncio.Task | None = None
         self.port = config.port
         self.watchdog_interval = 1.0  # seconds between checks that the inference worker lives
+        self.max_connections = config.max_connections  # lowered at start if file descriptors cannot cover it
         self.worker_restarts = 0
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> ClapServer:
+        room = open_file_room(self.config.max_connections)
+        if room < self.config.max_connections:
+            _log.warning("only %d open files are allowed (ulimit -n), so at most %d connections are taken, not "
+                         "--max-connections %d: raise the hard limit to serve more", room + FD_RESERVE, room,
+                         self.config.max_connections)
+            self.max_connections = room
         self.batcher.start()
         await asyncio.to_thread(self.batcher.ready.wait)  # warm-up done on the worker thread
         self._server = await serve(
@@ -312,7 +340,7 @@ class ClapServer:
             await ws.send(error_reply(error), text=True)
             await ws.close(4404, "unknown path")
             return
-        if len(self._pending) >= self.config.max_connections:
+        if len(self._pending) >= self.max_connections:
             await ws.close(1013, "too many connections; try again later")
             return
         defaults = parse_query(url.query, self.config.sample_rate)

@@ -103,8 +103,9 @@ def offline_env(tmp_path, **extra):
 class Served:
     """A process started in the background; stderr is collected to find its port."""
 
-    def __init__(self, args, env):
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(self, args, env, **popen):
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     **popen)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

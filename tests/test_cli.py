@@ -179,3 +179,36 @@ def test_load_model_builds_on_a_thread_that_ends_and_reraises_its_errors(tmp_pat
     assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
     with pytest.raises(ModelError, match="missing.pt not found"):  # raised on the builder, re-raised here
         weights.load_model(tmp_path / "missing.pt")
+
+
+def test_open_file_limit_is_raised_or_max_connections_capped(tmp_path):
+    """With ulimit -n 300 and --max-connections 1024, 1,040 clients used to exhaust descriptors (EMFILE)."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    server = Served([sys.executable, "-m", "clap_ws", "serve", "--untrained", "--port", "0", "--no-warm-up"],
+                    offline_env(tmp_path), preexec_fn=limited)
+    try:
+        port = server.wait_for_port()
+        assert "at most 236 connections are taken" in server.log()
+        clients, refused = [], 0
+        from websockets.sync.client import connect as sync_connect
+
+        for _ in range(250):
+            ws = sync_connect(f"ws://127.0.0.1:{port}/clap", open_timeout=30)
+            clients.append(ws)
+        for ws in clients[236:]:
+            try:
+                ws.recv(timeout=30)
+            except websockets.ConnectionClosed as exc:
+                refused += exc.rcvd is not None and exc.rcvd.code == 1013
+        assert refused == 14
+        clients[0].send(json.dumps({"op": "info"}))
+        assert json.loads(clients[0].recv(timeout=60))["status"] == "OK"
+        for ws in clients:
+            ws.close()
+        assert "Too many open files" not in server.log()
+    finally:
+        server.kill()
