@@ -94,3 +94,14 @@ def test_engines_benchmark_runs_the_exported_encoder_and_matches_torch(tmp_path)
         assert rows[engine]["cosine_to_torch_fp32"] >= 0.999, rows[engine]
     table = (tmp_path / "engines.md").read_text()
     assert "| onnxruntime fp32 |" in table and "| openvino fp32 |" in table
+
+
+@pytest.mark.slow
+def test_fairness_benchmark_reports_the_polite_client_beside_a_greedy_one(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fairness.py"), "--rounds", "1",
+                             "--sounds", "2", "--in-flight", "8", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "fairness.json").read_text())
+    assert set(data["results"]) == {"new"} and len(data["results"]["new"]["beside"]) == 2
+    assert "| new |" in (tmp_path / "fairness.md").read_text() and "cores, " in data["machine"]
