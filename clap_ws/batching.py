@@ -2,8 +2,9 @@
 
 :class:`MicroBatcher` is the one place that knows about batching, in the
 spirit of Ray Serve's ``@serve.batch``: it has two knobs, ``max_batch`` and
-``max_wait_ms``, and a handler that maps a list of items to a list of
-results. Callers on the asyncio loop :meth:`~MicroBatcher.submit` an item and
+``max_wait_ms``, and a handler that maps a list of items to their results
+(a list, or an iterator whose results are settled as they come, so the first
+items of a long batch need not wait for the last). Callers on the asyncio loop :meth:`~MicroBatcher.submit` an item and
 await a future; a single worker thread takes whatever is pending (up to
 ``max_batch``), waits at most ``max_wait_ms`` for more, calls the handler,
 and settles the futures back on the loop. The loop never runs the model.
@@ -38,7 +39,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -71,7 +72,7 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        handler: Callable[[list[T]], Sequence[R]],
+        handler: Callable[[list[T]], Iterable[R]],
         *,
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
@@ -196,25 +197,27 @@ class MicroBatcher(Generic[T, R]):
     def _process(self, batch: list[_Pending[T]]) -> None:
         self.batches += 1
         self.items += len(batch)
+        answered = 0  # results are settled as the handler yields them: the first items need not wait for the last
         try:
-            results = list(self.handler([p.item for p in batch]))
-            if len(results) != len(batch):
-                raise RuntimeError(f"handler returned {len(results)} results for {len(batch)} items")
+            for result in self.handler([p.item for p in batch]):
+                if answered == len(batch):
+                    raise RuntimeError(f"handler returned more results than the {len(batch)} items")
+                if isinstance(result, BaseException):
+                    self._reply(batch[answered], None, result)
+                else:
+                    self._reply(batch[answered], result, None)
+                answered += 1
+            if answered != len(batch):
+                raise RuntimeError(f"handler returned {answered} results for {len(batch)} items")
         except Exception as exc:  # one bad batch must not end the worker
             _log.exception("inference batch of %d failed", len(batch))
             error = exc if isinstance(exc, ClapError) else ClapError(f"inference failed: {exc}")
-            for p in batch:
+            for p in batch[answered:]:
                 self._reply(p, None, error)
-            return
         except BaseException:  # the worker thread is dying: its batch must not hang
-            for p in batch:
+            for p in batch[answered:]:
                 self._reply(p, None, ClapError("the inference worker died; it is being restarted"))
             raise
-        for p, result in zip(batch, results):
-            if isinstance(result, BaseException):
-                self._reply(p, None, result)
-            else:
-                self._reply(p, result, None)
 
     @staticmethod
     def _reply(p: _Pending, result, error: BaseException | None) -> None:

@@ -16,7 +16,7 @@ texts go through the network at once is the model's business (its
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +48,6 @@ class Result:
     model_ms: float
 
 
-_PENDING = Exception("no result")  # a placeholder every job replaces
-
-
 class Inference:
     """Batch handler: ``list[AudioJob | TextJob] -> list[Result | Exception]``."""
 
@@ -59,49 +56,60 @@ class Inference:
         self.text_calls = 0  # batches whose texts went through the model (in calls of up to 64 texts)
 
     def __call__(self, jobs: Sequence[AudioJob | TextJob]) -> list[Result | Exception]:
-        """One result per job, in order: a :class:`Result`, or the exception that failed a text job.
+        """One result per job, in order: a :class:`Result`, or the exception that failed a text job."""
+        return list(self.stream(jobs))
 
-        An exception from the audio side propagates and fails the whole batch
-        (the batcher answers each of its requests with it); a text failure
-        (no tokenizer) fails the text jobs only.
+    def stream(self, jobs: Sequence[AudioJob | TextJob]) -> Iterator[Result | Exception]:
+        """The results of :meth:`__call__`, each yielded as soon as it is ready, in job order.
+
+        Texts go first (one call for all of them); audio windows then go
+        through the model ``chunk`` at a time in job order, and a job's result
+        is yielded once its last window is done, so the first jobs of a big
+        batch are answered before the last ones run (the batcher settles each
+        at once). An exception from the audio side propagates and fails the
+        jobs not yet answered; a text failure (no tokenizer) fails the text
+        jobs only.
         """
         started = time.perf_counter()
-        results: list[Result | Exception] = [_PENDING] * len(jobs)
+        ready: dict[int, Result | Exception] = self._texts(jobs)
         audio = [(i, job) for i, job in enumerate(jobs) if isinstance(job, AudioJob)]
-        if audio:
-            clips = self._embed_audio([job for _, job in audio])
-            model_ms = (time.perf_counter() - started) * 1000
-            for (i, job), emb in zip(audio, clips):
-                results[i] = Result(emb, (started - job.enqueued) * 1000, model_ms)
-        texts = [(i, job) for i, job in enumerate(jobs) if isinstance(job, TextJob)]
-        if texts:
-            text_started = time.perf_counter()
-            try:  # one model call for every text in the batch
-                vectors = self.model.embed_text([text for _, job in texts for text in job.texts])
-            except Exception as exc:  # e.g. no tokenizer: it fails every text job, and no audio job
-                for i, _ in texts:
-                    results[i] = exc
-            else:
-                self.text_calls += 1
-                model_ms = (time.perf_counter() - text_started) * 1000
-                start = 0
-                for i, text_job in texts:
-                    count = len(text_job.texts)
-                    results[i] = Result(vectors[start : start + count], (text_started - text_job.enqueued) * 1000,
-                                        model_ms)
-                    start += count
-        return results
+        windows = [(i, c, w) for i, job in audio for c, clip in enumerate(job.clips) for w in clip]
+        raw: dict[int, list[list[np.ndarray]]] = {i: [[] for _ in job.clips] for i, job in audio}
+        remaining = {i: sum(len(clip) for clip in job.clips) for i, job in audio}
+        step = max(1, self.model.chunk)
+        following = 0  # the next job to yield
+        for start in range(0, len(windows), step):
+            group = windows[start : start + step]
+            for (i, c, _), row in zip(group, self.model.embed_windows(np.stack([w for _, _, w in group]))):
+                raw[i][c].append(row)
+                remaining[i] -= 1
+                if not remaining[i]:
+                    job = jobs[i]
+                    per_clip = unit(np.stack([np.mean(rows, axis=0) for rows in raw.pop(i)]))
+                    ready[i] = Result(per_clip, (started - job.enqueued) * 1000,
+                                      (time.perf_counter() - started) * 1000)
+            while following < len(jobs) and following in ready:
+                yield ready.pop(following)
+                following += 1
+        while following < len(jobs):
+            yield ready.pop(following)
+            following += 1
 
-    def _embed_audio(self, jobs: list[AudioJob]) -> list[np.ndarray]:
-        clips = [clip for job in jobs for clip in job.clips]
-        counts = [len(clip) for clip in clips]
-        all_windows = clips[0] if len(clips) == 1 else np.concatenate(clips)
-        raw = self.model.embed_windows(all_windows)
-        # mean of each clip's raw window outputs, then unit length
-        bounds = np.cumsum([0] + counts)
-        per_clip = unit(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
-        out, start = [], 0
-        for job in jobs:
-            out.append(per_clip[start : start + len(job.clips)])
-            start += len(job.clips)
+    def _texts(self, jobs: Sequence[AudioJob | TextJob]) -> dict[int, Result | Exception]:
+        """The results of the text jobs, by job index: one model call for all their texts."""
+        texts = [(i, job) for i, job in enumerate(jobs) if isinstance(job, TextJob)]
+        if not texts:
+            return {}
+        started = time.perf_counter()
+        try:
+            vectors = self.model.embed_text([text for _, job in texts for text in job.texts])
+        except Exception as exc:  # e.g. no tokenizer: it fails every text job, and no audio job
+            return {i: exc for i, _ in texts}
+        self.text_calls += 1
+        model_ms = (time.perf_counter() - started) * 1000
+        out: dict[int, Result | Exception] = {}
+        start = 0
+        for i, job in texts:
+            out[i] = Result(vectors[start : start + len(job.texts)], (started - job.enqueued) * 1000, model_ms)
+            start += len(job.texts)
         return out

@@ -67,7 +67,7 @@ class Service:
         self.max_seconds = max_seconds
         self.inference = Inference(model)
         self.batcher = MicroBatcher(
-            self.inference, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            self.inference.stream, max_batch=max_batch, max_wait_ms=max_wait_ms,
             max_queue=max_queue, on_start=model.warm_up if warm_up else None,
         )
         identity = model_identity(model)
