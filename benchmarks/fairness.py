@@ -58,6 +58,13 @@ async def polite(port: int, sounds: int) -> list[float]:
     return waits
 
 
+async def throughput(port: int, clients: int, sounds: int) -> float:
+    """Sounds per second of ``clients`` polite clients at once (what fair batching must not cost)."""
+    started = time.perf_counter()
+    await asyncio.gather(*(polite(port, sounds) for _ in range(clients)))
+    return clients * sounds / (time.perf_counter() - started)
+
+
 async def round_for(port: int, sounds: int, in_flight: int) -> tuple[list[float], list[float]]:
     alone = await polite(port, sounds)
     stop = asyncio.Event()
@@ -75,18 +82,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sounds", type=int, default=8, help="polite sounds per round and condition")
     parser.add_argument("--in-flight", type=int, default=64, help="sounds the greedy client keeps queued")
+    parser.add_argument("--clients", type=int, default=16, help="clients of the throughput rounds (0: none)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     roots = {"new": ROOT} | ({"old": Path(args.old).resolve()} if args.old else {})
     servers = {name: Server(["-m", "clap_ws", "serve", "--untrained"], name, root=root)
                for name, root in roots.items()}
-    results: dict[str, dict[str, list[float]]] = {name: {"alone": [], "beside": []} for name in servers}
+    results: dict[str, dict[str, list[float]]] = {name: {"alone": [], "beside": [], "throughput": []}
+                                                  for name in servers}
     try:
         for r in range(args.rounds):
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
                 alone, beside = asyncio.run(round_for(servers[name].port, args.sounds, args.in_flight))
                 results[name]["alone"] += alone
                 results[name]["beside"] += beside
+                if args.clients:
+                    results[name]["throughput"].append(
+                        asyncio.run(throughput(servers[name].port, args.clients, args.sounds)))
                 print(f"round {r + 1} {name}: polite alone p50 {np.median(alone):.0f} ms, beside a greedy client "
                       f"p50 {np.median(beside):.0f} ms", flush=True)
     finally:
@@ -94,11 +106,13 @@ def main(argv=None) -> int:
             server.stop()
     lines = [f"{describe()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; greedy client keeps "
              f"{args.in_flight} 2-s sounds in flight; {args.rounds} rounds x {args.sounds} polite sounds", "",
-             "| checkout | polite alone p50 ms | beside greedy p50 ms | p95 ms | x alone |", "|---|---|---|---|---|"]
+             f"| checkout | polite alone p50 ms | beside greedy p50 ms | p95 ms | x alone | "
+             f"{args.clients} clients, sounds/s (median) |", "|---|---|---|---|---|---|"]
     for name, row in results.items():
         alone, beside = np.median(row["alone"]), np.median(row["beside"])
+        rate = f"{np.median(row['throughput']):.1f}" if row["throughput"] else ""
         lines.append(f"| {name} | {alone:.0f} | {beside:.0f} | {np.percentile(row['beside'], 95):.0f} | "
-                     f"{beside / alone:.1f} |")
+                     f"{beside / alone:.1f} | {rate} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fairness.md").write_text("\n".join(lines) + "\n")
