@@ -99,9 +99,10 @@ def test_engines_benchmark_runs_the_exported_encoder_and_matches_torch(tmp_path)
 @pytest.mark.slow
 def test_fairness_benchmark_reports_the_polite_client_beside_a_greedy_one(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fairness.py"), "--rounds", "1",
-                             "--sounds", "2", "--in-flight", "8", "--out", str(tmp_path)],
+                             "--sounds", "2", "--in-flight", "8", "--clients", "2", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "fairness.json").read_text())
     assert set(data["results"]) == {"new"} and len(data["results"]["new"]["beside"]) == 2
+    assert data["results"]["new"]["throughput"][0] > 0
     assert "| new |" in (tmp_path / "fairness.md").read_text() and "cores, " in data["machine"]
