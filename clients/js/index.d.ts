@@ -51,6 +51,8 @@ export interface Extras {
   novelty?: number | null;
   archiveCount?: number;
   behaviorDescriptor?: number[];
+  /** What the server served but wants the client to know (samples clipped, unknown URL keys). */
+  warnings?: string[];
 }
 
 export interface Timing {

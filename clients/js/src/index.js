@@ -109,7 +109,8 @@ function itemsOf(reply, index, batch) {
   const pick = (key) => (reply[key] === undefined ? undefined : batch ? reply[key][index] : reply[key]);
   const out = {};
   for (const [key, name] of [["similarity", "similarity"], ["probs", "probs"], ["reference_similarity", "referenceSimilarity"],
-    ["matches", "matches"], ["novelty", "novelty"], ["archive_count", "archiveCount"], ["behavior_descriptor", "behaviorDescriptor"]]) {
+    ["matches", "matches"], ["novelty", "novelty"], ["archive_count", "archiveCount"], ["behavior_descriptor", "behaviorDescriptor"],
+    ["warnings", "warnings"]]) {
     const value = pick(key);
     if (value !== undefined) out[name] = value;
   }
