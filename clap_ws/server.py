@@ -31,7 +31,7 @@ import hmac
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
@@ -103,6 +103,7 @@ async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[byt
         return error_reply(ClapError(f"internal error: {exc}"), request_id), True
 
 
+ACCEPT_LOG_S = 10.0  # at most one log line per this many seconds about failed accepts
 FD_RESERVE = 64  # descriptors kept for files, the model's libraries, logs and the listening sockets
 
 
@@ -169,6 +170,9 @@ class ClapServer:
         self.port = config.port
         self.watchdog_interval = 1.0  # seconds between checks that the inference worker lives
         self.max_connections = config.max_connections  # lowered at start if file descriptors cannot cover it
+        self.accept_failures = 0  # accept() calls that failed for lack of descriptors or memory
+        self._accept_logged = float("-inf")
+        self._loop_handler: Callable | None = None
         self.worker_restarts = 0
 
     # ---- life cycle ---------------------------------------------------------
@@ -179,6 +183,9 @@ class ClapServer:
                          "--max-connections %d: raise the hard limit to serve more", room + FD_RESERVE, room,
                          self.config.max_connections)
             self.max_connections = room
+        loop = asyncio.get_running_loop()
+        self._loop_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
         self.batcher.start()
         await asyncio.to_thread(self.batcher.ready.wait)  # warm-up done on the worker thread
         self._server = await serve(
@@ -236,7 +243,23 @@ class ClapServer:
             if task:
                 task.cancel()
         await asyncio.to_thread(self.service.close)  # finishes queued work, writes archives
+        loop.set_exception_handler(self._loop_handler)
         _log.info("clap-ws stopped: %d batches, %d items served", self.batcher.batches, self.batcher.items)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """Log failed accepts (out of descriptors or memory) once per ``ACCEPT_LOG_S``, not once per attempt:
+        asyncio retries every accept and would write thousands of lines a second. Anything else goes on."""
+        if context.get("message") == "socket.accept() out of system resource":
+            self.accept_failures += 1
+            if loop.time() - self._accept_logged >= ACCEPT_LOG_S:
+                self._accept_logged = loop.time()
+                _log.error("cannot accept connections: %s (%d failed accepts so far; logged once per %.0f s)",
+                           context.get("exception"), self.accept_failures, ACCEPT_LOG_S)
+            return
+        if self._loop_handler is not None:
+            self._loop_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def __aenter__(self) -> ClapServer:
         return await self.start()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import threading
 import urllib.error
 import urllib.request
@@ -415,3 +416,20 @@ async def test_admission_counts_windows_not_requests(model):
             fits = await ask(ws, {"op": "embed_batch", "audio_buffers": [minute], "long_clip": "head", "id": 2})
     assert too_big["error"]["code"] == ErrorCode.TOO_MANY_ITEMS and "12 units" in too_big["error"]["message"]
     assert fits["status"] == "OK" and server.batcher.load == 0
+
+
+async def test_failed_accepts_are_logged_once_per_interval(model, caplog):
+    """Out of descriptors, asyncio retries every accept: 38,798 log lines in one probe; now one per 10 s."""
+    async with running_server(model) as server:
+        loop = asyncio.get_running_loop()
+        with caplog.at_level(logging.ERROR):
+            for _ in range(500):
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+            loop.call_exception_handler({"message": "something else entirely"})
+        assert server.accept_failures == 500
+        accepts = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+        assert len(accepts) == 1 and "Too many open files" in accepts[0].getMessage()
+        assert any("something else entirely" in r.getMessage() for r in caplog.records)  # others pass through
+        async with connect(server) as ws:
+            assert (await ask(ws, {"op": "info"}))["status"] == "OK"
