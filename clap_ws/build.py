@@ -62,6 +62,8 @@ def read_audio(path: Path, max_seconds: float) -> tuple[np.ndarray, dict]:
     """Decode a file with libsndfile; returns its 10-s windows and its metadata."""
     import soundfile as sf
 
+    if path.stat().st_size == 0:  # libsndfile would call it "Format not recognised"
+        raise ClapError("empty: the file has no bytes", code=ErrorCode.BAD_AUDIO)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile's errors are plain RuntimeError/LibsndfileError

@@ -23,7 +23,7 @@ from clap_ws.similarity import unit
 
 
 def write_sounds(root, n_kicks=3, n_pads=3):
-    """A small folder of real files in every supported format, nested, plus two bad ones."""
+    """A small folder of real files in every supported format, nested, plus three bad ones."""
     (root / "drums" / "kicks").mkdir(parents=True)
     (root / "pads").mkdir()
     sr = 22050
@@ -38,6 +38,7 @@ def write_sounds(root, n_kicks=3, n_pads=3):
     sf.write(root / "bell.aiff", chirp(sr=sr, seconds=1), sr, subtype="PCM_16")
     (root / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file")
     sf.write(root / "silent-empty.wav", np.zeros(0, "f4"), sr)
+    (root / "zero-bytes.wav").write_bytes(b"")
     (root / "notes.txt").write_text("not audio")
 
 
@@ -59,9 +60,10 @@ def library_file(model, folder, tmp_path_factory):
 def test_build_reads_every_format_and_lists_what_it_skipped(model, folder, tmp_path):
     report = build(model, folder, tmp_path / "lib.npz", batch=4, progress=False)
     assert (report.embedded, report.reused, report.dropped) == (9, 0, 0)
-    assert sorted(p for p, _ in report.skipped) == ["broken.wav", "silent-empty.wav"]
+    assert sorted(p for p, _ in report.skipped) == ["broken.wav", "silent-empty.wav", "zero-bytes.wav"]
     reasons = dict(report.skipped)
     assert "unreadable" in reasons["broken.wav"] and "empty" in reasons["silent-empty.wav"]
+    assert reasons["zero-bytes.wav"] == "empty: the file has no bytes"  # not libsndfile's "Format not recognised"
     lib = Library.load(tmp_path / "lib.npz")
     by_path = {item["path"]: item for item in lib.items}
     assert set(by_path) == {"drums/kicks/kick0.wav", "drums/kicks/kick1.wav", "drums/kicks/kick2.wav",
@@ -284,4 +286,4 @@ async def test_library_errors(model, lib_server):
 
 def test_scan_is_recursive_and_filters_extensions(folder):
     names = [p.name for p in scan(folder)]
-    assert "notes.txt" not in names and "kick0.wav" in names and "bell.aiff" in names and len(names) == 11
+    assert "notes.txt" not in names and "kick0.wav" in names and "bell.aiff" in names and len(names) == 12
