@@ -74,14 +74,22 @@ def check_rate(sample_rate: float) -> None:
         )
 
 
-def load(data: bytes | bytearray | memoryview, spec: AudioSpec, max_seconds: float) -> np.ndarray:
-    """Decode, validate and resample one buffer to 48 kHz mono float32."""
+def load(data: bytes | bytearray | memoryview, spec: AudioSpec, max_seconds: float,
+         warnings: list[str] | None = None) -> np.ndarray:
+    """Decode, validate and resample one buffer to 48 kHz mono float32 (``warnings``: see :func:`prepare`)."""
     check_rate(spec.sample_rate)
-    return prepare(decode_pcm(data, spec.channels), spec, max_seconds)
+    return prepare(decode_pcm(data, spec.channels), spec, max_seconds, warnings)
 
 
-def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarray:
-    """Validate, downmix and resample decoded (frames, channels) float32 audio."""
+def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float,
+            warnings: list[str] | None = None) -> np.ndarray:
+    """Validate, downmix and resample decoded (frames, channels) float32 audio.
+
+    Raises :class:`~clap_ws.errors.AudioError` for empty, too long, NaN or
+    infinite audio. Samples beyond [-1, 1], which CLAP will clip, are accepted
+    and described in ``warnings`` when a list is given (not with
+    ``normalize=peak``, which scales them into range first).
+    """
     if len(frames) == 0:
         raise AudioError("the audio is empty")
     seconds = len(frames) / spec.sample_rate
@@ -90,12 +98,14 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
             f"the audio is {seconds:.2f} s long; this server takes at most {max_seconds:g} s per clip",
             code=ErrorCode.TOO_LONG,
         )
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = frames.sum(dtype=np.float64)
-    if not np.isfinite(total):  # float64 cannot overflow here, so only NaN/inf samples do this
+    high, low = float(frames.max()), float(frames.min())  # NaN propagates through both
+    if not (np.isfinite(high) and np.isfinite(low)):
         raise AudioError("the audio contains NaN or infinite samples: clap-ws reads little-endian float32 "
                          "samples in [-1, 1], and 16-bit integer PCM read as float32 looks like this "
                          "(send int16 samples / 32768 as float32)")
+    peak = max(high, -low)
+    if peak > 1.0 and warnings is not None and spec.normalize != "peak":
+        warnings.append(_clipping_warning(frames, peak))
     mono = to_mono(frames)
     if spec.sample_rate != SAMPLE_RATE:
         mono = soxr.resample(mono, spec.sample_rate, SAMPLE_RATE, quality="HQ")
@@ -109,25 +119,14 @@ def prepare(frames: np.ndarray, spec: AudioSpec, max_seconds: float) -> np.ndarr
     return mono
 
 
-def sample_warnings(data: bytes | bytearray | memoryview, spec: AudioSpec) -> list[str]:
-    """What a client should hear about samples that were accepted: those beyond [-1, 1], which CLAP clips.
-
-    laion-clap quantises to int16 and so clips at full scale; a client sending
-    unscaled integers or gain-boosted audio gets an embedding of something
-    else, so the reply says so instead of clipping without notice. Call it on
-    a buffer :func:`load` accepted.
-    """
-    frames = decode_pcm(data, spec.channels)
-    if spec.normalize == "peak":
-        return []  # scaled to full scale before clipping: nothing is lost
-    beyond = int(np.count_nonzero(np.abs(frames) > 1.0))
-    if not beyond:
-        return []
-    peak = float(np.abs(frames).max())
+def _clipping_warning(frames: np.ndarray, peak: float) -> str:
+    """What a client should hear about samples beyond [-1, 1]: CLAP clips them (laion-clap quantises to int16),
+    so unscaled integers or boosted audio would be embedded as something else without notice."""
+    beyond = int(np.count_nonzero((frames > 1.0) | (frames < -1.0)))
     hint = (" (they look like integer PCM: send samples / 32768 as float32)" if peak >= 256
             else "; send float32 in [-1, 1], or normalize=peak")
-    return [f"{beyond} of {frames.size} samples ({beyond / frames.size:.1%}) were beyond [-1, 1] "
-            f"(peak {peak:.3g}) and were clipped{hint}"]
+    return (f"{beyond} of {frames.size} samples ({beyond / frames.size:.1%}) were beyond [-1, 1] "
+            f"(peak {peak:.3g}) and were clipped{hint}")
 
 
 def quantize(clip: np.ndarray) -> np.ndarray:

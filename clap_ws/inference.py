@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .constants import EMBED_DIM
 from .model.clap import ClapModel
 from .similarity import unit
 
@@ -73,21 +74,21 @@ class Inference:
         started = time.perf_counter()
         ready: dict[int, Result | Exception] = self._texts(jobs)
         audio = [(i, job) for i, job in enumerate(jobs) if isinstance(job, AudioJob)]
-        windows = [(i, c, w) for i, job in audio for c, clip in enumerate(job.clips) for w in clip]
-        raw: dict[int, list[list[np.ndarray]]] = {i: [[] for _ in job.clips] for i, job in audio}
-        remaining = {i: sum(len(clip) for clip in job.clips) for i, job in audio}
+        clips = [clip for _, job in audio for clip in job.clips]
+        windows = clips[0] if len(clips) == 1 else np.concatenate(clips) if clips else np.zeros((0, 0), np.float32)
+        raw = np.empty((len(windows), EMBED_DIM), np.float32)
+        ends = np.cumsum([sum(len(clip) for clip in job.clips) for _, job in audio], dtype=int)  # past each job's rows
         step = max(1, self.model.chunk)
-        following = 0  # the next job to yield
+        following, done = 0, 0  # the next job to yield; audio jobs whose windows are all done
         for start in range(0, len(windows), step):
-            group = windows[start : start + step]
-            for (i, c, _), row in zip(group, self.model.embed_windows(np.stack([w for _, _, w in group]))):
-                raw[i][c].append(row)
-                remaining[i] -= 1
-                if not remaining[i]:
-                    job = jobs[i]
-                    per_clip = unit(np.stack([np.mean(rows, axis=0) for rows in raw.pop(i)]))
-                    ready[i] = Result(per_clip, (started - job.enqueued) * 1000,
-                                      (time.perf_counter() - started) * 1000)
+            stop = min(start + step, len(windows))
+            raw[start:stop] = self.model.embed_windows(windows[start:stop])  # a view of the windows: no copy
+            while done < len(audio) and ends[done] <= stop:
+                i, job = audio[done]
+                bounds = (ends[done - 1] if done else 0) + np.cumsum([0] + [len(clip) for clip in job.clips])
+                per_clip = unit(np.stack([raw[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
+                ready[i] = Result(per_clip, (started - job.enqueued) * 1000, (time.perf_counter() - started) * 1000)
+                done += 1
             while following < len(jobs) and following in ready:
                 yield ready.pop(following)
                 following += 1

@@ -154,16 +154,16 @@ def _bounded_id(value: Any) -> Any:
     return value
 
 
-def _id_within_bounds(value: Any, depth: int = 0) -> bool:
-    if depth > ID_DEPTH:
-        return False
-    if isinstance(value, dict):
-        items = list(value.values())
-    elif isinstance(value, list):
-        items = value
-    else:
-        return depth > 0 or len(orjson.dumps(value)) <= ID_BYTES
-    return all(_id_within_bounds(v, depth + 1) for v in items) and (depth > 0 or len(orjson.dumps(value)) <= ID_BYTES)
+def _id_within_bounds(value: Any) -> bool:
+    return _nested_at_most(value, ID_DEPTH) and len(orjson.dumps(value)) <= ID_BYTES
+
+
+def _nested_at_most(value: Any, levels: int) -> bool:
+    """Whether ``value`` nests lists and objects at most ``levels`` deep (stops early: no deep recursion)."""
+    if isinstance(value, dict | list):
+        inner = value.values() if isinstance(value, dict) else value
+        return levels > 0 and all(_nested_at_most(v, levels - 1) for v in inner)
+    return True
 
 
 # Echoed and stored, so bounded (see _bounded_id). Integers beyond 64 bits are read as floats by the JSON parser.

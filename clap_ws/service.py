@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import load, sample_warnings, windows
+from .audio import load, windows
 from .batching import MicroBatcher
 from .cpu import instruction_set
 from .errors import ClapError, ErrorCode
@@ -129,21 +129,24 @@ class Service:
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
-    def _audio(self, buffers: list, spec, client: Hashable = None) -> asyncio.Future:
-        """Decode, resample and window every buffer now; queue them as one job costing its windows."""
-        clips = self._decode(buffers, spec)
-        return self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
+    def _audio(self, buffers: list, spec, client: Hashable = None,
+               warnings: list[list[str]] | None = None) -> asyncio.Future:
+        """Decode, resample and window every buffer now, and queue them as one job costing its windows.
 
-    def _decode(self, buffers: list, spec) -> list[np.ndarray]:
+        With ``warnings``, each buffer's warnings (see :func:`clap_ws.audio.prepare`) are appended as a list.
+        """
         clips = []
         for i, data in enumerate(buffers):
+            notes: list[str] = []
             try:
-                clips.append(windows(load(data, spec, self.max_seconds), spec.long_clip))
+                clips.append(windows(load(data, spec, self.max_seconds, notes), spec.long_clip))
             except ClapError as exc:
                 if len(buffers) > 1:
                     exc.args = (f"audio_buffers[{i}]: {exc.message}",)
                 raise
-        return clips
+            if warnings is not None:
+                warnings.append(notes)
+        return self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
 
     def _texts(self, texts, client: Hashable = None) -> Callable[[], Awaitable[np.ndarray]]:
         """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512)."""
@@ -204,8 +207,9 @@ class Service:
         libraries = self._library(sc.library) if sc.top_k else []
         if sc.archive and not sc.archive_add:
             self.archives.get(sc.archive)  # unknown archive: say so now
-        audio = self._audio(req.buffers, req.spec, client)
-        warnings = [[*req.warnings, *sample_warnings(data, req.spec)] for data in req.buffers]
+        warnings: list[list[str]] = []
+        audio = self._audio(req.buffers, req.spec, client, warnings)
+        warnings = [[*req.warnings, *notes] for notes in warnings]
         req = dataclasses.replace(req, buffers=[])  # the windows are made: the frames need not wait for the reply
         prompts = self._texts(sc.prompts, client) if sc.prompts else None
 
