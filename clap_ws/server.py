@@ -375,7 +375,7 @@ class ClapServer:
         try:
             async for message in ws:
                 await held.room.wait()  # a client that takes no replies gets no more work done: bounded in bytes
-                reply = self._accept(message, defaults, descriptor, client=id(ws))
+                reply = await self._accept(message, defaults, descriptor, client=id(ws))
                 del message  # only the windows made from it wait for the model, not the frame
                 reply.add_done_callback(held.finished)
                 await pending.put(reply)
@@ -414,20 +414,26 @@ class ClapServer:
             finally:
                 pending.task_done()
 
-    def _accept(self, message: str | bytes, defaults: ConnectionDefaults, descriptor: bool,
-                client: Hashable = None) -> asyncio.Future:
-        """Validate a message and queue its work; return the future of its reply frame."""
+    async def _accept(self, message: str | bytes, defaults: ConnectionDefaults, descriptor: bool,
+                      client: Hashable = None) -> asyncio.Future:
+        """Validate a message and queue its work; return the future of its reply frame.
+
+        A large text message is parsed on the service's decode thread (see
+        :meth:`~clap_ws.service.Service.off_loop`); the JSON parser itself
+        holds the GIL for the whole message, which binary frames avoid.
+        """
         received = time.perf_counter()
         request_id = None
         try:
             if self._draining:
                 raise ShuttingDown("the server is shutting down; reconnect to another server")
             if isinstance(message, str):
-                request = parse_text(message, defaults, self.config.max_items)
+                request = await self.service.off_loop(len(message), parse_text, message, defaults,
+                                                      self.config.max_items)
             else:
                 request = parse_binary(message, defaults)
             request_id = request.id
-            work = self.service.dispatch(request, received, descriptor, self._server_info, client=client)
+            work = await self.service.dispatch(request, received, descriptor, self._server_info, client=client)
             return asyncio.ensure_future(_guarded(work, request_id))
         except ClapError as exc:
             return done((error_reply(exc, request_id), True))

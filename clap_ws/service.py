@@ -54,6 +54,7 @@ from .similarity import TextCache, cosine_matrix, softmax_probs, unit
 
 _log = logging.getLogger(__name__)
 Reply = tuple[bytes, bool]
+OFF_LOOP_BYTES = 4 << 20  # messages and audio larger than this are parsed and prepared on the decode thread
 
 
 class Service:
@@ -81,6 +82,9 @@ class Service:
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
         # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index", initializer=single_threaded)
+        # Large messages are parsed, decoded and resampled here, one at a time, so the event loop stays free
+        # for pings, info and /health; their steps (base64 per buffer, soxr) let go of the GIL between buffers.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="clap-decode")
         self.search_kernel = self._pool.submit(choose_kernel).result()
         _log.info("exact search pre-scans: %s (checked against float32 on this CPU: %s)",
                   self.search_kernel, instruction_set())
@@ -96,6 +100,7 @@ class Service:
         self.batcher.stop(10)
         self._pool.submit(self.archives.flush).result()
         self._pool.shutdown()
+        self._decoder.shutdown()
 
     async def flush_archives(self) -> int:
         return await self._in_pool(self.archives.flush)
@@ -103,12 +108,22 @@ class Service:
     async def _in_pool(self, fn: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    # ---- dispatch ---------------------------------------------------------------------
-    def dispatch(self, request: Request, received: float, descriptor: bool = False,
-                 extra_info: Callable[[], dict] | None = None, client: Hashable = None) -> Awaitable[Reply]:
-        """Do the synchronous part of ``request`` now; the awaitable yields its reply frame.
+    async def off_loop(self, size: int, fn: Callable, *args) -> Any:
+        """``fn(*args)``: at once for ``size`` up to :data:`OFF_LOOP_BYTES`, else on the decode thread, so one
+        large message never stalls the other connections (small ones skip the thread hop)."""
+        if size <= OFF_LOOP_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
 
-        Raises :class:`~clap_ws.errors.ClapError` at once for what can be
+    # ---- dispatch ---------------------------------------------------------------------
+    async def dispatch(self, request: Request, received: float, descriptor: bool = False,
+                       extra_info: Callable[[], dict] | None = None, client: Hashable = None) -> Awaitable[Reply]:
+        """Check ``request`` and queue its work; the returned awaitable yields its reply frame.
+
+        Returns once the work is queued: without suspending for small
+        requests, after the decode thread has prepared the audio of large
+        ones (so a connection's own next message waits for that, not the
+        others). Raises :class:`~clap_ws.errors.ClapError` for what can be
         known before any model work: ``busy``, an unknown library or archive,
         bad audio, no tokenizer. ``descriptor`` adds behaviour descriptors
         (``/clap-bd``); ``extra_info`` adds the server's fields to ``info``;
@@ -117,24 +132,30 @@ class Service:
         """
         match request:
             case EmbedRequest():
-                return self._embed(request, received, descriptor, client)
+                return await self._embed(request, received, descriptor, client)
             case TextRequest():
                 return self._embed_text(request, received, client)
             case SearchRequest():
-                return self._search(request, client)
+                return await self._search(request, client)
             case ArchiveRequest():
-                return self._archive(request, client)
+                return await self._archive(request, client)
             case InfoRequest():
                 return done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
-    def _audio(self, buffers: list, spec, client: Hashable = None,
-               warnings: list[list[str]] | None = None) -> asyncio.Future:
-        """Decode, resample and window every buffer now, and queue them as one job costing its windows.
+    async def _audio(self, buffers: list, spec, client: Hashable = None,
+                     warnings: list[list[str]] | None = None) -> asyncio.Future:
+        """Decode, resample and window every buffer (see :meth:`off_loop`), and queue them as one job costing
+        its windows.
 
         With ``warnings``, each buffer's warnings (see :func:`clap_ws.audio.prepare`) are appended as a list.
         """
+        size = sum(memoryview(b).nbytes for b in buffers)
+        clips = await self.off_loop(size, self._clips, buffers, spec, warnings)
+        return self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
+
+    def _clips(self, buffers: list, spec, warnings: list[list[str]] | None) -> list[np.ndarray]:
         clips = []
         for i, data in enumerate(buffers):
             notes: list[str] = []
@@ -146,7 +167,7 @@ class Service:
                 raise
             if warnings is not None:
                 warnings.append(notes)
-        return self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
+        return clips
 
     def _texts(self, texts, client: Hashable = None) -> Callable[[], Awaitable[np.ndarray]]:
         """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512)."""
@@ -202,13 +223,14 @@ class Service:
         return [sorted(row, key=lambda m: -m["score"])[:k] for row in per_query]
 
     # ---- ops ------------------------------------------------------------------------------
-    def _embed(self, req: EmbedRequest, received: float, descriptor: bool, client: Hashable) -> Awaitable[Reply]:
+    async def _embed(self, req: EmbedRequest, received: float, descriptor: bool,
+                     client: Hashable) -> Awaitable[Reply]:
         sc = req.scoring
         libraries = self._library(sc.library) if sc.top_k else []
         if sc.archive and not sc.archive_add:
             self.archives.get(sc.archive)  # unknown archive: say so now
         warnings: list[list[str]] = []
-        audio = self._audio(req.buffers, req.spec, client, warnings)
+        audio = await self._audio(req.buffers, req.spec, client, warnings)
         warnings = [[*req.warnings, *notes] for notes in warnings]
         req = dataclasses.replace(req, buffers=[])  # the windows are made: the frames need not wait for the reply
         prompts = self._texts(sc.prompts, client) if sc.prompts else None
@@ -261,10 +283,10 @@ class Service:
 
         return finish()
 
-    def _search(self, req: SearchRequest, client: Hashable) -> Awaitable[Reply]:
+    async def _search(self, req: SearchRequest, client: Hashable) -> Awaitable[Reply]:
         libraries = self._library(req.library)
+        audio = await self._audio(req.buffers, req.spec, client) if req.buffers else None
         text = self._texts([req.text], client) if req.text else None
-        audio = self._audio(req.buffers, req.spec, client) if req.buffers else None
         req = dataclasses.replace(req, buffers=[])
 
         async def finish() -> Reply:
@@ -282,12 +304,12 @@ class Service:
 
         return finish()
 
-    def _archive(self, req: ArchiveRequest, client: Hashable) -> Awaitable[Reply]:
+    async def _archive(self, req: ArchiveRequest, client: Hashable) -> Awaitable[Reply]:
         """Archive ops: checks and audio queueing now, then the op's own method on the index thread."""
         op: Callable[[ArchiveRequest, np.ndarray | None], dict] = getattr(self, "_" + req.op)
         if req.op in ("novelty", "archive_search"):
             self._archive_named(req)  # unknown archive: say so before any model work
-        audio = self._audio(req.buffers, req.spec, client) if req.buffers else None
+        audio = await self._audio(req.buffers, req.spec, client) if req.buffers else None
         req = dataclasses.replace(req, buffers=[])
 
         async def finish() -> Reply:

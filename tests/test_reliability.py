@@ -365,6 +365,32 @@ def test_client_gone_mid_request_is_dropped_quietly(model, caplog):
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_large_request_does_not_stall_other_connections(model):
+    """Issue 22: one embed_batch of 20 one-minute 8-kHz clips (51 MB of JSON) is parsed, decoded and resampled
+    on the decode thread, so another connection's ``info`` stays quick meanwhile (on the event loop, the
+    parse, base64 and resampling held every other connection for about 0.9 s here)."""
+    clips = [b64(noise(sr=8000, seconds=60, seed=i)) for i in range(20)]
+    big = json.dumps({"op": "embed_batch", "audio_buffers": clips, "sample_rate": 8000, "long_clip": "head",
+                      "id": "big"})
+    with threaded(model) as srv, sync_connect(srv.url, max_size=None) as heavy, sync_connect(srv.url) as light:
+        light.send('{"op": "info"}')
+        light.recv(TIMEOUT)
+        heavy.send(big)  # the frame is in the server's socket: what follows is its work (and the model's)
+        waits = []
+        for _ in range(400):  # bounded: ends with the big reply, or after 400 info round trips
+            started = time.perf_counter()
+            light.send('{"op": "info"}')
+            assert json.loads(light.recv(TIMEOUT))["status"] == "OK"
+            waits.append(time.perf_counter() - started)
+            with contextlib.suppress(TimeoutError):
+                reply = json.loads(heavy.recv(0.01))
+                break
+        else:
+            reply = json.loads(heavy.recv(TIMEOUT))
+    assert reply["status"] == "OK" and reply["count"] == 20
+    assert len(waits) > 10 and max(waits) < 0.3, f"info waited up to {max(waits):.3f} s ({len(waits)} asked)"
+
+
 def test_slow_reader_is_not_buffered_without_bound(model):
     with threaded(model, max_pipeline=8) as srv:
         big = json.dumps({"op": "embed_text", "texts": ["x" * 1500] * 200, "id": 0})  # ~1 MB replies

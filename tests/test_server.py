@@ -398,7 +398,7 @@ async def test_a_queued_frame_is_not_kept_once_its_windows_are_made(model):
         service.batcher._stopping = False
         frame = Frame(tone(seconds=3).tobytes())
         watch = weakref.ref(frame)
-        reply = service.dispatch(parse_binary(frame, ConnectionDefaults()), 0.0, client="c")
+        reply = await service.dispatch(parse_binary(frame, ConnectionDefaults()), 0.0, client="c")
         del frame
         gc.collect()
         assert watch() is None and service.batcher.load == 1  # queued: one window, no frame
@@ -433,3 +433,4 @@ async def test_failed_accepts_are_logged_once_per_interval(model, caplog):
         assert any("something else entirely" in r.getMessage() for r in caplog.records)  # others pass through
         async with connect(server) as ws:
             assert (await ask(ws, {"op": "info"}))["status"] == "OK"
+
