@@ -49,10 +49,13 @@ _SERVER_HELP = {
     "ping_timeout": "seconds to wait for a pong before dropping a client (default %(default)s)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
     "text_cache": "prompt embeddings kept in the LRU cache (default %(default)s)",
-    "token": "clients must send it (Authorization: Bearer TOKEN, or ?token=); default $CLAP_WS_TOKEN",
+    "token": "clients and the HTTP API must send it (Authorization: Bearer TOKEN, or ?token=); the page asks for "
+             "it; default $CLAP_WS_TOKEN",
     "allowed_origins": "browser Origin allowed to connect besides the server's own (repeat for several); "
                        "clients without an Origin are never refused",
     "archive_flush_s": "seconds between writes of changed archives to --archive-dir (default %(default)s)",
+    "library_poll_s": "seconds between checks of --library files for a rebuild, picked up without a restart "
+                      "(default %(default)s; 0: never)",
 }
 _SERVER_FLAGS = {"warm_up": "--no-warm-up"}  # booleans that default to True
 
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the log shows (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve embeddings over WebSocket")
+    serve = sub.add_parser("serve", help="serve embeddings over WebSocket, and the search page and HTTP API")
     add_model_options(serve)
     group = serve.add_argument_group("server")
     for f in fields(ServerConfig):

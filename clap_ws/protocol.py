@@ -42,6 +42,7 @@ from pydantic import (
 from .audio import LONG_CLIP_MODES, NORMALIZE_MODES, AudioSpec, check_rate
 from .constants import EMBED_DIM
 from .errors import ClapError, ErrorCode, RequestError
+from .search.library import Filters, Page
 
 REPLY_FORMATS = ("json", "binary")
 _QUERY_KEYS = ("sample_rate", "channels", "normalize", "long_clip", "reply")
@@ -90,17 +91,24 @@ class TextRequest:
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Search a library by text, audio or an embedding; text + audio blends them."""
+    """Search libraries by text, audio, an embedding or a library item (text + one of the others blends them),
+    or browse them by filters alone."""
 
     id: Any = None
     text: str | None = None
     buffers: list = field(default_factory=list)  # zero or one
     spec: AudioSpec = AudioSpec()
     embedding: np.ndarray | None = None
-    top_k: int = 10
     alpha: float = 0.5
-    tags: tuple[str, ...] = ()
     library: str | None = None
+    item: tuple[str, int] | None = None  # (library, id): "more like this", the item itself left out
+    page: Page = Page()
+    filters: Filters = Filters()
+
+
+@dataclass(frozen=True)
+class LibrariesRequest:
+    id: Any = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class InfoRequest:
     id: Any = None
 
 
-Request = EmbedRequest | TextRequest | SearchRequest | ArchiveRequest | InfoRequest
+Request = EmbedRequest | TextRequest | SearchRequest | ArchiveRequest | InfoRequest | LibrariesRequest
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ class ConnectionDefaults:
 Rate = StrictFloat  # a JSON number (ints accepted); strings and booleans are refused
 Text = Annotated[StrictStr, Field(min_length=1, max_length=2000)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+MAX_TOP_K, MAX_OFFSET = 1000, 100_000  # one page of search results; how deep pages go
 ID_DEPTH, ID_BYTES = 8, 1024  # bounds of an id: JSON nested hundreds deep can be neither echoed nor saved
 
 
@@ -212,15 +221,30 @@ class _EmbedTextMessage(_Message):
     texts: list[Text] = Field(min_length=1)
 
 
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    library: Name
+    id: StrictInt = Field(ge=0)
+
+
 class _SearchMessage(_Audio):
     op: Literal["search"]
     text: Text | None = None
     audio_buffer: StrictStr | None = None
     embedding: Any = None
-    top_k: StrictInt = Field(10, ge=1, le=1000)
+    item: _Item | None = None  # "more like this": a library item's own embedding, the item left out
+    top_k: StrictInt = Field(10, ge=1, le=MAX_TOP_K)
+    offset: StrictInt = Field(0, ge=0, le=MAX_OFFSET)
+    min_score: StrictFloat | None = Field(None, ge=-1.0, le=1.0)
+    min_duration: StrictFloat | None = Field(None, ge=0.0)
+    max_duration: StrictFloat | None = Field(None, ge=0.0)
     alpha: StrictFloat = Field(0.5, ge=0.0, le=1.0)
-    tags: list[Name] | None = None
+    tags: list[Name] | None = Field(None, max_length=64)
     library: Name | None = None
+
+
+class _LibrariesMessage(_Message):
+    op: Literal["libraries"]
 
 
 class _ArchiveMessage(_Audio):
@@ -253,7 +277,7 @@ _SCHEMAS: dict[str, type[_Message]] = {
             "embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_text": _EmbedTextMessage,
             "search": _SearchMessage, "archive_add": _ArchiveMessage, "novelty": _ArchiveMessage,
             "archive_search": _ArchiveMessage, "archive_info": _ArchiveInfoMessage,
-            "archive_drop": _ArchiveDropMessage, "info": _InfoMessage}
+            "archive_drop": _ArchiveDropMessage, "info": _InfoMessage, "libraries": _LibrariesMessage}
 OPS = tuple(_SCHEMAS)
 
 
@@ -411,6 +435,8 @@ def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Reque
         raise _rejected(ErrorCode.BAD_REQUEST, _describe(exc)) from None
     if isinstance(msg, _InfoMessage):
         return InfoRequest(msg.id)
+    if isinstance(msg, _LibrariesMessage):
+        return LibrariesRequest(msg.id)
     if isinstance(msg, _EmbedTextMessage):
         return TextRequest(tuple(msg.texts), msg.id)
     if isinstance(msg, (_ArchiveInfoMessage, _ArchiveDropMessage)):
@@ -429,10 +455,15 @@ def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Reque
 
 def _search_request(msg: _SearchMessage, spec: AudioSpec, buffers: list[bytes]) -> SearchRequest:
     embedding = None if msg.embedding is None else _vectors(msg.embedding, "embedding", True)
-    if len(buffers) + (embedding is not None) > 1 or not (buffers or embedding is not None or msg.text):
-        raise _rejected(ErrorCode.BAD_REQUEST, "search needs text, and/or one of audio_buffer or embedding")
-    return SearchRequest(msg.id, msg.text, buffers, spec, embedding, msg.top_k, msg.alpha,
-                         tuple(msg.tags or ()), msg.library)
+    if len(buffers) + (embedding is not None) + (msg.item is not None) > 1:
+        raise _rejected(ErrorCode.BAD_REQUEST, "search takes at most one of audio_buffer, embedding or item "
+                        "(each with text or without)")
+    filters = Filters(tuple(msg.tags or ()), msg.min_duration, msg.max_duration)
+    if msg.min_duration is not None and msg.max_duration is not None and msg.min_duration > msg.max_duration:
+        raise _rejected(ErrorCode.BAD_REQUEST, "min_duration is larger than max_duration")
+    item = None if msg.item is None else (msg.item.library, msg.item.id)
+    return SearchRequest(msg.id, msg.text, buffers, spec, embedding, msg.alpha, msg.library, item,
+                         Page(msg.top_k, msg.offset, msg.min_score), filters)
 
 
 def _archive_request(msg: _ArchiveMessage, spec: AudioSpec, buffers: list[bytes]) -> ArchiveRequest:

@@ -31,11 +31,13 @@ import hmac
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
+import numpy as np
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -45,10 +47,13 @@ from websockets.protocol import State
 
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
+from .http import HttpApi, error_response
 from .model.clap import ClapModel
 from .projection import Projection
 from .protocol import (
     ConnectionDefaults,
+    InfoRequest,
+    LibrariesRequest,
     error_reply,
     parse_binary,
     parse_query,
@@ -88,6 +93,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own (clients without one: any)
     text_cache: int = 4096  # prompt embeddings kept (LRU)
     archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
+    library_poll_s: float = 2.0  # how often library files are checked for a rebuild (0: never)
 
 
 async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[bytes, bool]:
@@ -146,6 +152,26 @@ class _Held:
             self.room.set()
 
 
+class RecentRequests:
+    """End-to-end times of the requests finished in the last ``window`` seconds (for ``info``'s live figures)."""
+
+    def __init__(self, window: float = 60.0, limit: int = 200_000):
+        self.window = window
+        self._times: deque[tuple[float, float]] = deque(maxlen=limit)
+
+    def add(self, seconds: float) -> None:
+        self._times.append((time.monotonic(), seconds))
+
+    def describe(self) -> dict:
+        since = time.monotonic() - self.window
+        while self._times and self._times[0][0] < since:
+            self._times.popleft()
+        times = np.array([s for _, s in self._times]) * 1000
+        p50, p95 = np.percentile(times, [50, 95]).tolist() if len(times) else (None, None)
+        return {"window_s": self.window, "requests": len(times), "per_s": round(len(times) / self.window, 3),
+                "p50_ms": p50, "p95_ms": p95}
+
+
 class ClapServer:
     """Serve one resident model over WebSocket. Use ``async with`` or start/shutdown."""
 
@@ -160,6 +186,8 @@ class ClapServer:
             archives=archives, projection=projection, text_cache=config.text_cache,
         )
         self.batcher = self.service.batcher
+        self.http = HttpApi(self.service, self.info)
+        self.recent = RecentRequests()
         self.started = time.time()
         self._server: Server | None = None
         self._pending: dict[ServerConnection, asyncio.Queue] = {}
@@ -167,6 +195,7 @@ class ClapServer:
         self._draining = False
         self._watchdog: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
+        self._library_watch: asyncio.Task | None = None
         self.port = config.port
         self.watchdog_interval = 1.0  # seconds between checks that the inference worker lives
         self.max_connections = config.max_connections  # lowered at start if file descriptors cannot cover it
@@ -197,10 +226,15 @@ class ClapServer:
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
         self._flusher = asyncio.create_task(self._flush_archives())
+        if self.config.library_poll_s > 0 and self.service.libraries:
+            self._library_watch = asyncio.create_task(self._watch_libraries())
         model = self.model.describe()
         _log.info("clap-ws %s listening on ws://%s:%d/clap", __version__, self.config.host, self.port)
         _log.info("model: %s | %s | device %s | precision %s | engine %s | text %s", model["model"],
                   model["architecture"], model["device"], model["precision"], model["engine"], model["tokenizer"])
+        for lib in self.service.libraries.values():
+            _log.info("library %r: %d items, %s index, from %s", lib.name, len(lib), lib.index.kind,
+                      lib.path or "memory")
         if self.model.identity.untrained:
             _log.warning('model: "untrained" - RANDOM WEIGHTS (seed %s): embeddings are meaningless; '
                          "for tests and latency work only", self.model.identity.seed)
@@ -239,7 +273,7 @@ class ClapServer:
             await asyncio.wait_for(self._server.wait_closed(), 5)
         except asyncio.TimeoutError:
             _log.warning("shutdown: connection handlers still running; going on")
-        for task in (self._watchdog, self._flusher):
+        for task in (self._watchdog, self._flusher, self._library_watch):
             if task:
                 task.cancel()
         await asyncio.to_thread(self.service.close)  # finishes queued work, writes archives
@@ -275,6 +309,25 @@ class ClapServer:
                 self.worker_restarts += 1
                 self.batcher.start()
 
+    async def _watch_libraries(self) -> None:
+        """Pick up library files rebuilt while serving: a changed file is loaded beside the old one and swapped in;
+        one that fails to load is logged once per change and the old one keeps serving."""
+        seen = {name: lib.stamp() for name, lib in self.service.libraries.items()}
+        while True:
+            await asyncio.sleep(self.config.library_poll_s)
+            for name, lib in list(self.service.libraries.items()):
+                stamp = lib.stamp()
+                if stamp is None or stamp == seen.get(name):
+                    continue
+                seen[name] = stamp
+                try:
+                    new = await self.service.reload_library(name)
+                except Exception as exc:
+                    _log.error("library %r changed on disk but cannot be loaded (still serving the old one, "
+                               "%d items): %s", name, len(lib), exc)
+                    continue
+                _log.info("library %r reloaded from %s: %d items (was %d)", name, lib.path, len(new), len(lib))
+
     async def _flush_archives(self) -> None:
         while self.service.archives.directory is not None:
             await asyncio.sleep(self.config.archive_flush_s)
@@ -293,6 +346,7 @@ class ClapServer:
             "sample_rate": self.config.sample_rate,
             "connections": len(self._pending),
             "worker_restarts": self.worker_restarts,
+            "recent": self.recent.describe(),
             "uptime_s": round(time.time() - self.started, 3),
             "config": {**asdict(self.config), "token": "***" if self.config.token else None},
         }
@@ -332,16 +386,38 @@ class ClapServer:
         hostname = urlsplit(origin).hostname or ""
         return hostname in ("localhost", "127.0.0.1", "::1", self.config.host.strip("[]"))
 
-    def _http(self, connection: ServerConnection, request):
-        """``GET /health``, the origin rule and the token check; anything else goes on to the WebSocket handshake."""
-        if urlsplit(request.path).path != "/health":
-            if not self._origin_allowed(request):
+    async def _http(self, connection: ServerConnection, request):
+        """Before any handshake: ``/health``, the origin rule, the token check, then either the WebSocket
+        handshake (``Upgrade: websocket``) or the page and its API (:mod:`clap_ws.http`)."""
+        path = urlsplit(request.path).path
+        if path == "/health":
+            return self._health()
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if not upgrade and request.method != "GET":
+            refused = ClapError(f"{request.method} is not served here; every route is a GET",
+                                code=ErrorCode.BAD_REQUEST)
+            return error_response(refused, [("Allow", "GET")], status=HTTPStatus.METHOD_NOT_ALLOWED)
+        if not self._origin_allowed(request):
+            if upgrade:
                 return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not connect (see --allowed-origin)\n")
-            if self.config.token and not self._authorized(request):
+            return error_response(ClapError("this Origin may not read from this server (see --allowed-origin)",
+                                            code=ErrorCode.FORBIDDEN))
+        if self.config.token and (upgrade or HttpApi.is_api(path)) and not self._authorized(request):
+            if upgrade:
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
-                response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'
-                return response
-            return None
+            else:
+                response = error_response(ClapError("missing or wrong token: send Authorization: Bearer TOKEN, or "
+                                                    "?token=TOKEN", code=ErrorCode.UNAUTHORIZED))
+            response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'
+            return response
+        if upgrade or path in ("/clap", DESCRIPTOR_PATH):
+            return None  # the handshake (or, without Upgrade, websockets' own 426 Upgrade Required)
+        origin = request.headers.get("Origin")
+        cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] \
+            if origin and origin in self.config.allowed_origins else []
+        return await self.http.respond(request, cors)
+
+    def _health(self) -> Response:
         alive = self.batcher.alive and not self._draining
         body = {"status": "ok" if alive else ("draining" if self._draining else "worker_dead"),
                 "model": self.model.identity.name, "queue_depth": self.batcher.depth,
@@ -434,7 +510,10 @@ class ClapServer:
                 request = parse_binary(message, defaults)
             request_id = request.id
             work = await self.service.dispatch(request, received, descriptor, self._server_info, client=client)
-            return asyncio.ensure_future(_guarded(work, request_id))
+            reply = asyncio.ensure_future(_guarded(work, request_id))
+            if not isinstance(request, InfoRequest | LibrariesRequest):  # a page polling info is not load
+                reply.add_done_callback(lambda _: self.recent.add(time.perf_counter() - received))
+            return reply
         except ClapError as exc:
             return done((error_reply(exc, request_id), True))
         except Exception:

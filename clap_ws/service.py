@@ -41,6 +41,7 @@ from .protocol import (
     ArchiveRequest,
     EmbedRequest,
     InfoRequest,
+    LibrariesRequest,
     Request,
     SearchRequest,
     TextRequest,
@@ -48,7 +49,7 @@ from .protocol import (
     ok_reply,
 )
 from .search.archive import Archives
-from .search.library import Library
+from .search.library import Filters, Library, Page, find
 from .search.scan import choose_kernel, single_threaded
 from .similarity import TextCache, cosine_matrix, softmax_probs, unit
 
@@ -141,6 +142,8 @@ class Service:
                 return await self._archive(request, client)
             case InfoRequest():
                 return done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
+            case LibrariesRequest():
+                return done(_ok("libraries", {"libraries": self.describe_libraries()}, request.id))
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
@@ -218,9 +221,46 @@ class Service:
     def _search_libraries(libraries: list[Library], queries: np.ndarray, k: int, tags) -> list[list[dict]]:
         per_query: list[list[dict]] = [[] for _ in range(len(queries))]
         for library in libraries:
-            for row, matches in zip(per_query, library.search(queries, k, list(tags))):
+            for row, matches in zip(per_query, library.search(queries, k, Filters(tuple(tags)))):
                 row.extend(matches)
         return [sorted(row, key=lambda m: -m["score"])[:k] for row in per_query]
+
+    async def reload_library(self, name: str) -> Library:
+        """Load library ``name`` again from its file and swap it in once its index is ready.
+
+        Searches already running finish on the old one. Raises (and keeps the
+        old one serving) when the file cannot be loaded or was built with
+        another model.
+        """
+        old = self.libraries[name]
+        new = await asyncio.to_thread(Library.load, old.path, name)
+        new.check_model(model_identity(self.model))
+        await self._in_pool(new.index.scan.pack)
+        self.libraries[name] = new
+        return new
+
+    def describe_libraries(self) -> list[dict]:
+        return [lib.describe() for lib in self.libraries.values()]
+
+    def library(self, name: str) -> Library:
+        """The loaded library ``name``; ``no_library`` or ``unknown_library`` when there is none."""
+        return self._library(name)[0]
+
+    def item_vector(self, library: str, item: int) -> np.ndarray:
+        """A library item's stored embedding; ``unknown_library`` or ``not_found`` when there is none."""
+        lib = self.library(library)
+        lib.item(item)
+        return lib.embeddings[item]
+
+    async def text_vector(self, text: str, client: Hashable = None) -> np.ndarray:
+        """One text's embedding (from the prompt cache when it is there)."""
+        return (await self._texts([text], client)())[0]
+
+    async def find(self, query: np.ndarray | None, library: str | None, page: Page, filters: Filters,
+                   exclude: tuple[str, int] | None = None) -> dict:
+        """One page of results for ``query`` (None: browse by ``filters``) in one library or all, on the
+        index thread; see :func:`clap_ws.search.library.find`."""
+        return await self._in_pool(find, self._library(library), query, page, filters, exclude)
 
     # ---- ops ------------------------------------------------------------------------------
     async def _embed(self, req: EmbedRequest, received: float, descriptor: bool,
@@ -284,23 +324,24 @@ class Service:
         return finish()
 
     async def _search(self, req: SearchRequest, client: Hashable) -> Awaitable[Reply]:
-        libraries = self._library(req.library)
+        self._library(req.library)  # none loaded, or an unknown name: say so before any model work
+        like = self.item_vector(*req.item) if req.item is not None else None
         audio = await self._audio(req.buffers, req.spec, client) if req.buffers else None
         text = self._texts([req.text], client) if req.text else None
         req = dataclasses.replace(req, buffers=[])
 
         async def finish() -> Reply:
             sound: np.ndarray | None = (await audio).embeddings[0] if audio is not None else \
-                (req.embedding[0] if req.embedding is not None else None)
+                (req.embedding[0] if req.embedding is not None else like)
             words = (await text())[0] if text is not None else None
             query: np.ndarray | None
             if words is not None and sound is not None:
                 query = unit(req.alpha * unit(words) + (1 - req.alpha) * unit(sound))
             else:
                 query = words if words is not None else sound
-            assert query is not None  # validation asked for text, audio or an embedding
-            matches = await self._in_pool(self._search_libraries, libraries, query[None], req.top_k, req.tags)
-            return _ok("search", {"matches": matches[0], "model": self.model.identity.name}, req.id)
+            page = await self.find(query, req.library, req.page, req.filters, req.item)
+            return _ok("search", {"matches": page.pop("results"), **page, "model": self.model.identity.name},
+                       req.id)
 
         return finish()
 

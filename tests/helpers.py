@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import websockets
 
@@ -41,6 +42,26 @@ def chirp(f0: float = 100.0, f1: float = 8000.0, sr: int = 48_000, seconds: floa
     t = np.arange(int(sr * seconds)) / sr
     k = (f1 - f0) / seconds
     return (0.4 * np.sin(2 * np.pi * (f0 * t + 0.5 * k * t * t))).astype(np.float32)
+
+
+def write_sounds(root, n_kicks=3, n_pads=3):
+    """A small folder of real files in every supported format, nested, plus three bad ones."""
+    (root / "drums" / "kicks").mkdir(parents=True)
+    (root / "pads").mkdir()
+    sr = 22050
+    t = np.arange(sr) / sr
+    for i in range(n_kicks):
+        kick = 0.8 * np.sin(2 * np.pi * (50 + 15 * i) * t) * np.exp(-6 * t)
+        sf.write(root / "drums" / "kicks" / f"kick{i}.wav", kick.astype("f4"), sr)
+    for i in range(n_pads):
+        sf.write(root / "pads" / f"pad{i}.flac", (0.3 * np.sin(2 * np.pi * (220 * (i + 1)) * t)).astype("f4"), sr)
+    sf.write(root / "pads" / "wide.ogg", 0.1 * np.random.default_rng(0).standard_normal((sr, 2)).astype("f4"), sr)
+    sf.write(root / "noise.mp3", 0.1 * np.random.default_rng(1).standard_normal(sr).astype("f4"), sr)
+    sf.write(root / "bell.aiff", chirp(sr=sr, seconds=1), sr, subtype="PCM_16")
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file")
+    sf.write(root / "silent-empty.wav", np.zeros(0, "f4"), sr)
+    (root / "zero-bytes.wav").write_bytes(b"")
+    (root / "notes.txt").write_text("not audio")
 
 
 def cosine(a, b) -> float:

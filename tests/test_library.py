@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import ROOT, ask, b64, chirp, connect, cosine, noise, running_server, tone
+from helpers import ROOT, ask, b64, connect, cosine, noise, running_server, tone, write_sounds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,28 +18,8 @@ from clap_ws.build import build, scan
 from clap_ws.errors import ErrorCode, ModelError
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.search.index import VectorIndex
-from clap_ws.search.library import Library
+from clap_ws.search.library import Filters, Library
 from clap_ws.similarity import unit
-
-
-def write_sounds(root, n_kicks=3, n_pads=3):
-    """A small folder of real files in every supported format, nested, plus three bad ones."""
-    (root / "drums" / "kicks").mkdir(parents=True)
-    (root / "pads").mkdir()
-    sr = 22050
-    t = np.arange(sr) / sr
-    for i in range(n_kicks):
-        kick = 0.8 * np.sin(2 * np.pi * (50 + 15 * i) * t) * np.exp(-6 * t)
-        sf.write(root / "drums" / "kicks" / f"kick{i}.wav", kick.astype("f4"), sr)
-    for i in range(n_pads):
-        sf.write(root / "pads" / f"pad{i}.flac", (0.3 * np.sin(2 * np.pi * (220 * (i + 1)) * t)).astype("f4"), sr)
-    sf.write(root / "pads" / "wide.ogg", 0.1 * np.random.default_rng(0).standard_normal((sr, 2)).astype("f4"), sr)
-    sf.write(root / "noise.mp3", 0.1 * np.random.default_rng(1).standard_normal(sr).astype("f4"), sr)
-    sf.write(root / "bell.aiff", chirp(sr=sr, seconds=1), sr, subtype="PCM_16")
-    (root / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file")
-    sf.write(root / "silent-empty.wav", np.zeros(0, "f4"), sr)
-    (root / "zero-bytes.wav").write_bytes(b"")
-    (root / "notes.txt").write_text("not audio")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +193,7 @@ def test_hnsw_library_round_trip_and_filtered_search(tmp_path):
     assert lib.index.kind == "hnsw" and len(lib) == 3000
     (top,) = lib.search(vectors[7], 5)
     assert top[0]["path"] == "x7.wav" and top[0]["score"] == pytest.approx(1, abs=1e-5)
-    (only_even,) = lib.search(vectors[7], 5, tags=["even"])
+    (only_even,) = lib.search(vectors[7], 5, Filters(("even",)))
     assert len(only_even) == 5 and all(m["tags"] == ["even"] for m in only_even)
     assert only_even[0]["score"] == pytest.approx(max(vectors[::2] @ vectors[7]), abs=1e-5)
 
@@ -243,7 +223,9 @@ async def test_search_by_embedding_audio_text_and_hybrid(lib_server, folder, lib
     assert by_vec["status"] == "OK" and by_vec["id"] == 1 and by_vec["op"] == "search"
     assert by_vec["matches"][0]["path"] == "pads/pad2.flac"
     assert by_vec["matches"][0]["score"] == pytest.approx(1, abs=1e-5)
-    assert set(by_vec["matches"][0]) == {"path", "score", "tags", "library"}
+    assert set(by_vec["matches"][0]) == {"id", "path", "score", "tags", "library", "duration", "sample_rate",
+                                         "channels"}
+    assert by_vec["matches"][0]["id"] == row and by_vec["matches"][0]["sample_rate"] == 22050
     assert by_vec["matches"][0]["tags"] == ["pads"] and by_vec["matches"][0]["library"] == "sounds"
     assert by_audio["matches"][0]["path"] == "pads/pad2.flac"
     assert [m["path"] for m in only_text["matches"]] == [m["path"] for m in by_text["matches"]]
@@ -272,11 +254,12 @@ async def test_tag_filter_and_top_k_on_embed(lib_server):
 async def test_library_errors(model, lib_server):
     async with connect(lib_server) as ws:
         unknown = await ask(ws, {"op": "search", "text": "x", "library": "nope"})
-        neither = await ask(ws, {"op": "search", "top_k": 3})
+        browse = await ask(ws, {"op": "search", "top_k": 3})
         both = await ask(ws, {"op": "search", "embedding": [0.1] * 512, "audio_buffer": b64(tone())})
         short = await ask(ws, {"op": "search", "embedding": [0.1] * 511})
     assert unknown["error"]["code"] == ErrorCode.UNKNOWN_LIBRARY and "sounds" in unknown["error"]["message"]
-    assert neither["error"]["code"] == both["error"]["code"] == short["error"]["code"] == ErrorCode.BAD_REQUEST
+    assert both["error"]["code"] == short["error"]["code"] == ErrorCode.BAD_REQUEST
+    assert [m["score"] for m in browse["matches"]] == [None] * 3 and browse["more"]  # no query: browse in order
     async with running_server(model) as bare:
         async with connect(bare) as ws:
             reply = await ask(ws, {"op": "search", "text": "x"})

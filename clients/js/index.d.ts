@@ -32,10 +32,34 @@ export interface ScoringOptions {
 export type EmbedOptions = AudioOptions & ScoringOptions & RequestOptions;
 
 export interface Match {
+  /** The item's id in its library (for item searches and /audio/LIBRARY/ID). */
+  id: number;
   path: string;
-  score: number;
+  /** Cosine similarity; null when browsing by filters alone. */
+  score: number | null;
   tags: string[];
   library: string;
+  duration: number | null;
+  sample_rate: number | null;
+  channels: number | null;
+}
+
+export interface SearchPage {
+  matches: Match[];
+  count: number;
+  offset: number;
+  /** Whether a next page exists. */
+  more: boolean;
+  model: string;
+}
+
+export interface LibraryInfo {
+  name: string;
+  count: number;
+  model: string;
+  tags: Record<string, number>;
+  duration: [number, number] | null;
+  [key: string]: unknown;
 }
 
 export interface ArchiveMatch {
@@ -79,7 +103,13 @@ export interface SearchQuery extends AudioOptions {
   text?: string;
   audio?: AudioInput;
   embedding?: Float32Array | number[];
+  /** "More like this": a library item's own embedding as the query, the item left out. */
+  item?: { library: string; id: number };
   topK?: number;
+  offset?: number;
+  minScore?: number;
+  minDuration?: number;
+  maxDuration?: number;
   /** Weight of the text in a text + audio query (0-1, default 0.5). */
   alpha?: number;
   tags?: string[];
@@ -148,6 +178,8 @@ export class ClapClient {
   onStateChange(listener: (state: "open" | "close", detail?: { code: number; reason: string }) => void): () => void;
   request<T = unknown>(message: Record<string, unknown>, parse?: (reply: any) => T, options?: RequestOptions): Promise<T>;
   info(options?: RequestOptions): Promise<Record<string, unknown>>;
+  searchPage(query: SearchQuery, options?: RequestOptions): Promise<SearchPage>;
+  libraries(options?: RequestOptions): Promise<LibraryInfo[]>;
 }
 
 export interface ClapPool extends ClapRequests {}

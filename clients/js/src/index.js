@@ -53,6 +53,22 @@ async function webSocketClass(explicit) {
   throw new ClapError("no WebSocket implementation: install the `ws` package", "no_websocket");
 }
 
+function searchMessage(query) {
+  const message = { op: "search", top_k: query.topK ?? 10, ...audioFields(query) };
+  if (query.text) message.text = query.text;
+  if (query.audio) message.audio_buffer = base64(toFloat32(query.audio));
+  if (query.embedding) message.embedding = plainVector(query.embedding);
+  if (query.item) message.item = { library: query.item.library, id: query.item.id };
+  if (query.alpha !== undefined) message.alpha = query.alpha;
+  if (query.tags?.length) message.tags = query.tags;
+  if (query.library) message.library = query.library;
+  if (query.offset) message.offset = query.offset;
+  if (query.minScore !== undefined) message.min_score = query.minScore;
+  if (query.minDuration !== undefined) message.min_duration = query.minDuration;
+  if (query.maxDuration !== undefined) message.max_duration = query.maxDuration;
+  return message;
+}
+
 function toFloat32(audio) {
   if (audio instanceof Float32Array) return audio;
   if (ArrayBuffer.isView(audio) || Array.isArray(audio)) return Float32Array.from(audio);
@@ -341,16 +357,22 @@ export class ClapClient {
     return result.similarity;
   }
 
-  /** Search the server's libraries by {text, audio, embedding, topK, alpha, tags, library, sampleRate}. */
+  /** Search the server's libraries by {text, audio, embedding, item, topK, alpha, tags, library, sampleRate,
+   *  offset, minScore, minDuration, maxDuration}. Resolves to the matches (see searchPage for the whole reply). */
   search(query = {}, opts = {}) {
-    const message = { op: "search", top_k: query.topK ?? 10, ...audioFields(query) };
-    if (query.text) message.text = query.text;
-    if (query.audio) message.audio_buffer = base64(toFloat32(query.audio));
-    if (query.embedding) message.embedding = plainVector(query.embedding);
-    if (query.alpha !== undefined) message.alpha = query.alpha;
-    if (query.tags) message.tags = query.tags;
-    if (query.library) message.library = query.library;
-    return this.request(message, (reply) => reply.matches, opts);
+    return this.request(searchMessage(query), (reply) => reply.matches, opts);
+  }
+
+  /** Like search, resolving to {matches, count, offset, more, model}: one page, and whether there is a next. */
+  searchPage(query = {}, opts = {}) {
+    return this.request(searchMessage(query), (reply) => ({
+      matches: reply.matches, count: reply.count, offset: reply.offset, more: reply.more, model: reply.model,
+    }), opts);
+  }
+
+  /** The loaded libraries: [{name, count, tags: {tag: count}, duration: [min, max], ...}]. */
+  libraries(opts = {}) {
+    return this.request({ op: "libraries" }, (reply) => reply.libraries, opts);
   }
 
   _archiveItems(items, opts) {

@@ -1,0 +1,325 @@
+"""The read-only HTTP side of the server's port: the search page, its JSON API and the libraries' audio.
+
+Every route is a GET (websockets' HTTP parser takes no request body, so
+anything with a body, such as a dropped sound, goes over the WebSocket):
+
+    /                          the search page (a GET without ``Upgrade: websocket``)
+    /static/NAME               the page's files, from ``clap_ws/web`` (a fixed list)
+    /api/search?text=&...      one page of results (no text: browse by the filters)
+    /api/similar?library=&id=  "more like this": nearest items to a library item, the item left out
+    /api/libraries, /api/info  what is loaded; the server's state
+    /api/waveform/LIB/ID       peaks for a thumbnail
+    /audio/LIB/ID              the item's original file; single byte ranges (RFC 9110), so players can seek
+
+Errors use the protocol's error shape with a fitting status. Nothing a
+client sends is joined into a filesystem path: audio is looked up by item id
+in a loaded library, and static files by name in a fixed table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import numpy as np
+import orjson
+import soundfile
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from .errors import ClapError, ErrorCode
+from .protocol import MAX_OFFSET, error_reply
+from .search.library import Filters, Page
+
+STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8", "clap-ws-client.js": "text/javascript; charset=utf-8",
+          "favicon.svg": "image/svg+xml"}
+STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.UNKNOWN_TAG: 400, ErrorCode.NOT_FOUND: 404,
+          ErrorCode.UNKNOWN_LIBRARY: 404, ErrorCode.NO_LIBRARY: 404, ErrorCode.UNAUTHORIZED: 401,
+          ErrorCode.FORBIDDEN: 403, ErrorCode.BUSY: 503, ErrorCode.SHUTTING_DOWN: 503,
+          ErrorCode.TEXT_UNAVAILABLE: 503}
+# The page's own files and nothing else: no script, style, font or media from another origin.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+       "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+               ".oga": "audio/ogg", ".opus": "audio/ogg", ".aif": "audio/aiff", ".aiff": "audio/aiff",
+               ".m4a": "audio/mp4", ".webm": "audio/webm"}
+HTTP_TOP_K = 150  # a page of results, as Freesound's API caps page_size
+WAVEFORM_POINTS = 96
+WAVEFORM_MAX_BYTES = 256 << 20  # larger files get no thumbnail rather than a long read
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    top_k: int = Field(15, ge=1, le=HTTP_TOP_K)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    tags: tuple[str, ...] = ()
+    library: str | None = Field(None, min_length=1, max_length=200)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+    min_duration: float | None = Field(None, ge=0.0)
+    max_duration: float | None = Field(None, ge=0.0)
+
+    def page(self) -> Page:
+        return Page(self.top_k, self.offset, self.min_score)
+
+    def filters(self) -> Filters:
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
+            raise ClapError("min_duration is larger than max_duration", code=ErrorCode.BAD_REQUEST)
+        return Filters(self.tags, self.min_duration, self.max_duration)
+
+
+class SearchParams(_Params):
+    text: str | None = Field(None, min_length=1, max_length=2000)
+
+
+class SimilarParams(_Params):
+    library: str = Field(min_length=1, max_length=200)
+    id: int = Field(ge=0)
+
+
+class _NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_params(model: type[BaseModel], query: str) -> Any:
+    """URL query -> a validated ``model``; unknown or repeated keys are ``bad_request`` (``tags`` may repeat, and
+    may be comma-separated; ``token`` belongs to the token check)."""
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "token"]
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key == "tags":
+            values["tags"] = (*values.get("tags", ()), *(t.strip() for t in value.split(",") if t.strip()))
+        elif key in values:
+            raise ClapError(f"{key} is given more than once", code=ErrorCode.BAD_REQUEST)
+        elif value != "":  # a blank form field means "not given"
+            values[key] = value
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "query"
+        known = ", ".join(name for name in model.model_fields)
+        message = f"unknown query key {where!r} (known: {known})" if err["type"] == "extra_forbidden" \
+            else f"{where}: {err['msg']}"
+        raise ClapError(message, code=ErrorCode.BAD_REQUEST) from None
+
+
+def json_response(body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
+    return _response(status, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers)
+
+
+def error_response(error: ClapError, headers: list[tuple[str, str]] | None = None,
+                   status: int | None = None) -> Response:
+    status = status or STATUS.get(ErrorCode(error.code), 500)
+    extra = list(headers or [])
+    if status == 503:
+        extra.append(("Retry-After", "1"))
+    return _response(status, error_reply(error), "application/json", extra)
+
+
+def _response(status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    all_headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                           ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                           ("Connection", "close"), *(headers or [])])
+    return Response(status, HTTPStatus(status).phrase, all_headers, body)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    stop: int  # exclusive
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """One ``bytes=`` range of a file of ``size`` bytes; None for the whole file (no header, or several
+    ranges, which may be answered whole). Raises ``ValueError`` when the range cannot be satisfied."""
+    if not header:
+        return None
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if match is None:
+        return None  # other units or a list of ranges: the whole file is a valid answer
+    first, last = match.groups()
+    if first == "" and last == "":
+        raise ValueError("empty range")
+    if first == "":  # the last N bytes
+        length = min(int(last), size)
+        if length == 0:
+            raise ValueError("empty suffix")
+        return ByteRange(size - length, size)
+    start = int(first)
+    stop = size if last == "" else min(int(last) + 1, size)
+    if start >= size or stop <= start:
+        raise ValueError("range outside the file")
+    return ByteRange(start, stop)
+
+
+def read_bytes(path: Path, byte_range: ByteRange | None) -> bytes:
+    with open(path, "rb") as f:
+        if byte_range is None:
+            return f.read()
+        f.seek(byte_range.start)
+        return f.read(byte_range.stop - byte_range.start)
+
+
+def waveform_peaks(path: Path, points: int = WAVEFORM_POINTS) -> list[float]:
+    """Peak absolute amplitude in ``points`` equal slices of a file, all channels, for a thumbnail."""
+    if path.stat().st_size > WAVEFORM_MAX_BYTES:
+        return []
+    data, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    if len(data) == 0:
+        return []
+    magnitude = np.abs(data).max(axis=1)
+    edges = np.linspace(0, len(magnitude), points + 1).astype(int)
+    peaks = [float(magnitude[a:max(b, a + 1)].max()) if a < len(magnitude) else 0.0
+             for a, b in zip(edges[:-1], edges[1:])]
+    return [round(min(p, 1.0), 4) for p in peaks]
+
+
+def static_file(name: str) -> bytes:
+    return (resources.files("clap_ws") / "web" / name).read_bytes()
+
+
+class HttpApi:
+    """Answers the page, the API and the audio routes for one server.
+
+    ``service`` is the server's :class:`~clap_ws.service.Service`; ``info``
+    returns what ``/api/info`` shows; ``preview_url`` makes an item's audio
+    URL. Methods return a websockets ``Response``; the caller has already
+    applied the origin rule and the token check.
+    """
+
+    def __init__(self, service, info: Callable[[], dict]):
+        self.service = service
+        self.info = info
+        self._routes: dict[str, Callable[[str], Awaitable[Response]]] = {
+            "/api/search": self._search, "/api/similar": self._similar,
+            "/api/libraries": self._libraries, "/api/info": self._info,
+        }
+
+    @staticmethod
+    def is_api(path: str) -> bool:
+        """Paths that hold data, and so need the token when the server has one."""
+        return path.startswith(("/api/", "/audio/")) or path == "/api"
+
+    async def respond(self, request: Request, cors: list[tuple[str, str]]) -> Response:
+        """The answer to a GET that is not a WebSocket handshake. ``cors``: headers for an allowed other origin."""
+        url = urlsplit(request.path)
+        path = url.path
+        try:
+            if path in ("/", "/index.html"):
+                return self._static("index.html", page=True)
+            if path.startswith("/static/"):
+                return self._static(path.removeprefix("/static/"))
+            if path == "/favicon.ico":
+                return self._static("favicon.svg")
+            if path in self._routes:
+                return with_headers(await self._routes[path](url.query), cors)
+            if path.startswith("/audio/"):
+                library, item = _item_path(path.removeprefix("/audio/"))
+                return with_headers(await self._audio(library, item, request.headers.get("Range")), cors)
+            if path.startswith("/api/waveform/"):
+                library, item = _item_path(path.removeprefix("/api/waveform/"))
+                return with_headers(await self._waveform(library, item), cors)
+            raise ClapError(f"no such page or API route: {path!r} (the API: {', '.join(self._routes)}, "
+                            "/api/waveform/LIBRARY/ID, /audio/LIBRARY/ID)", code=ErrorCode.NOT_FOUND)
+        except ClapError as exc:
+            return error_response(exc, cors)
+
+    def _static(self, name: str, page: bool = False) -> Response:
+        if name not in STATIC:
+            raise ClapError(f"no static file {name!r}", code=ErrorCode.NOT_FOUND)
+        headers = [("Content-Security-Policy", CSP), ("Referrer-Policy", "no-referrer")] if page else []
+        return _response(200, static_file(name), STATIC[name], headers)
+
+    async def _search(self, query: str) -> Response:
+        params: SearchParams = parse_params(SearchParams, query)
+        vector = await self.service.text_vector(params.text, client="http") if params.text else None
+        return json_response(self._page(await self.service.find(
+            vector, params.library, params.page(), params.filters())))
+
+    async def _similar(self, query: str) -> Response:
+        params: SimilarParams = parse_params(SimilarParams, query)
+        vector = self.service.item_vector(params.library, params.id)
+        return json_response(self._page(await self.service.find(
+            vector, None, params.page(), params.filters(), exclude=(params.library, params.id))))
+
+    def _page(self, page: dict) -> dict:
+        for result in page["results"]:
+            result["preview_url"] = preview_url(result["library"], result["id"])
+        return {**page, "model": self.service.model.identity.name}
+
+    async def _libraries(self, query: str) -> Response:
+        parse_params(_NoParams, query)
+        return json_response({"libraries": self.service.describe_libraries(),
+                              "model": self.service.model.identity.name})
+
+    async def _info(self, query: str) -> Response:
+        parse_params(_NoParams, query)
+        return json_response(self.info())
+
+    def _file(self, library: str, item: int) -> Path:
+        lib = self.service.library(library)
+        meta = lib.item(item)
+        root = Path(lib.root).resolve()
+        path = (root / meta["path"]).resolve()
+        if not path.is_relative_to(root):  # a library file edited by hand must not reach outside its folder
+            raise ClapError(f"item {item} of library {library!r} lies outside its folder", code=ErrorCode.NOT_FOUND)
+        if not path.is_file():
+            raise ClapError(f"the file of item {item} ({meta['path']}) is gone from {lib.root}",
+                            code=ErrorCode.NOT_FOUND)
+        return path
+
+    async def _audio(self, library: str, item: int, range_header: str | None) -> Response:
+        path = self._file(library, item)
+        size = path.stat().st_size
+        content_type = AUDIO_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] \
+            or "application/octet-stream"
+        try:
+            byte_range = parse_range(range_header, size)
+        except ValueError:
+            return _response(416, b"", content_type, [("Content-Range", f"bytes */{size}")])
+        body = await asyncio.to_thread(read_bytes, path, byte_range)
+        headers = [("Accept-Ranges", "bytes"), ("Content-Disposition", f'inline; filename="{_ascii(path.name)}"')]
+        if byte_range is None:
+            return _response(200, body, content_type, headers)
+        headers.append(("Content-Range", f"bytes {byte_range.start}-{byte_range.stop - 1}/{size}"))
+        return _response(206, body, content_type, headers)
+
+    async def _waveform(self, library: str, item: int) -> Response:
+        path = self._file(library, item)
+        try:
+            peaks = await asyncio.to_thread(waveform_peaks, path)
+        except (OSError, RuntimeError, soundfile.LibsndfileError):
+            peaks = []
+        return json_response({"library": library, "id": item, "peaks": peaks})
+
+
+def preview_url(library: str, item: int) -> str:
+    return f"/audio/{quote(library, safe='')}/{item}"
+
+
+def with_headers(response: Response, headers: list[tuple[str, str]]) -> Response:
+    for name, value in headers:
+        response.headers[name] = value
+    return response
+
+
+def _item_path(rest: str) -> tuple[str, int]:
+    """``LIBRARY/ID`` (the name percent-encoded) -> (name, id); anything else is ``not_found``."""
+    parts = rest.split("/")
+    if len(parts) != 2 or not parts[0] or not re.fullmatch(r"[0-9]{1,12}", parts[1]):
+        raise ClapError("expected /LIBRARY/ID with a numeric item id", code=ErrorCode.NOT_FOUND)
+    return unquote(parts[0]), int(parts[1])
+
+
+def _ascii(name: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
