@@ -18,6 +18,13 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet -e ".[test,lint,engines]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the suite proves no network is needed
 
+# The search page's tests drive Debian's Chromium (Playwright, from the test extra, needs no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+export CLAP_WS_REQUIRE_BROWSER="${CLAP_WS_REQUIRE_BROWSER:-1}"  # here a missing browser fails, not skips
+
 "$py" -m ruff check .
 "$py" -m mypy
 "$py" -m pytest -q "$@"

@@ -106,3 +106,15 @@ def test_fairness_benchmark_reports_the_polite_client_beside_a_greedy_one(tmp_pa
     assert set(data["results"]) == {"new"} and len(data["results"]["new"]["beside"]) == 2
     assert data["results"]["new"]["throughput"][0] > 0
     assert "| new |" in (tmp_path / "fairness.md").read_text() and "cores, " in data["machine"]
+
+
+@pytest.mark.slow
+def test_web_benchmark_reports_both_paths_and_the_page_weight(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "web.py"), "--items", "500", "--requests", "3",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "web.json").read_text())
+    assert {(r["path"], r["case"]) for r in data["rows"]} == {
+        (p, c) for p in ("HTTP /api/search", "WebSocket search") for c in ("cached text", "new text", "tag filter")}
+    assert all(r["p50_ms"] > 0 and r["requests"] == 3 for r in data["rows"])
+    assert 10_000 < data["meta"]["page_bytes"] < 300 * 1024 and "cores" in data["meta"]["machine"]
