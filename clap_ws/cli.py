@@ -19,7 +19,7 @@ import sys
 from dataclasses import fields, replace
 
 from . import __version__
-from .errors import ModelError
+from .errors import ClapError, ModelError
 from .model.clap import ENGINES, PRECISIONS
 from .model.weights import (
     DEFAULT_CHECKPOINT,
@@ -157,7 +157,60 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one of: " + ", ".join(KNOWN_CHECKPOINTS) + " (default %(default)s)")
     fetch.add_argument("--cache-dir", help="destination (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default %(default)s)")
+    ev = sub.add_parser("evaluate", help="how well the library's model classifies and retrieves its labelled "
+                                         "sounds: zero-shot, prototypes and a linear model side by side")
+    ev.add_argument("lib", metavar="LIB", help="a library built by `clap-ws library build`")
+    ev.add_argument("--labels", default="folder", metavar="folder|REGEX",
+                    help="each item's class: its folder's name (default), or a regular expression searched in its "
+                         "path (named group 'label', else group 1, else the match)")
+    ev.add_argument("--prompt", default="This is a sound of {label}.",
+                    help="zero-shot prompt; {label} is the class with underscores as spaces (default: LAION's "
+                         "ESC-50 protocol, %(default)r)")
+    ev.add_argument("--captions", metavar="CSV", help="path,caption rows (several per file allowed): adds caption "
+                                                      "<-> audio retrieval")
+    ev.add_argument("--out", default="evaluation", metavar="DIR",
+                    help="where evaluation.json, evaluation.md and the PNG figures go (default %(default)s)")
+    ev.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear model (default 5)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval (default 1000)")
+    ev.add_argument("--eval-seed", type=int, default=0,
+                    help="seed of the folds, tie-breaking and bootstrap (default 0; --seed is the model's)")
+    ev.add_argument("--server", metavar="URL", help="embed the prompts on a running clap-ws (ws://HOST:PORT) "
+                                                    "instead of loading the model here")
+    ev.add_argument("--token", default=os.environ.get("CLAP_WS_TOKEN"), help="--server's token (default "
+                                                                              "$CLAP_WS_TOKEN)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(ev)
     return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(f"clap-ws evaluate needs {' and '.join(missing)}: pip install 'clap-ws[eval]'")
+    from .evaluation import evaluate, write
+    from .evaluation.remote import ServerTexts
+    from .evaluation.run import check
+    from .model.clap import model_identity
+    from .search.library import Library
+
+    library = Library.load(args.lib)
+    check(library, args.labels, args.prompt, args.captions)  # before a model is loaded: fail in a second
+    if args.server:
+        embed_texts = ServerTexts(args.server, library.model, args.token)
+    else:
+        model = model_from_args(args)
+        library.check_model(model_identity(model))
+        embed_texts = model.embed_text
+    result = evaluate(library, embed_texts, labels=args.labels, prompt=args.prompt, captions=args.captions,
+                      folds=args.folds, draws=args.bootstrap, seed=args.eval_seed, progress=not args.no_progress)
+    for path in write(result, args.out):
+        print(path)
+    if result["data"]["untrained"]:
+        logging.getLogger("clap_ws").warning("the library's model is untrained (random weights): the figures are "
+                                             "a random-encoder baseline, not CLAP's")
+    return 0
 
 
 def check_exposure(config, insecure: bool) -> None:
@@ -209,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "library":
             return _library(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         from .projection import Projection
         from .search.archive import Archives
         from .search.library import Library
@@ -222,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_args(args, download_missing=args.download)
         run(model, config, libraries=libraries, archives=Archives(args.archive_dir), projection=projection)
         return 0
-    except ModelError as exc:
+    except ClapError as exc:  # ModelError, and bad labels, captions or options
         log.error("%s", exc)
         return 2
     except OSError as exc:  # e.g. the port is taken

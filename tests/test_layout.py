@@ -27,8 +27,8 @@ def imported_modules(path, source=None):
             yield from (a.name.removeprefix("clap_ws").lstrip(".") for a in node.names if a.name.startswith("clap_ws"))
 
 
-@pytest.mark.parametrize("package", ["model", "search"])
-def test_model_and_search_never_import_the_server_layer(package):
+@pytest.mark.parametrize("package", ["model", "search", "evaluation"])
+def test_model_search_and_evaluation_never_import_the_server_layer(package):
     found = {}
     for path in (PACKAGE / package).rglob("*.py"):
         for module in imported_modules(path):
