@@ -49,6 +49,8 @@ _SERVER_HELP = {
     "ping_timeout": "seconds to wait for a pong before dropping a client (default %(default)s)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM (default %(default)s)",
     "text_cache": "prompt embeddings kept in the LRU cache (default %(default)s)",
+    "audio_cache": "sound embeddings kept by content (samples, rate, channels, options, model), about 2 KB each: "
+                   "a repeated sound skips the model (default %(default)s; 0: off)",
     "token": "clients and the HTTP API must send it (Authorization: Bearer TOKEN, or ?token=); the page asks for "
              "it; default $CLAP_WS_TOKEN",
     "allowed_origins": "browser Origin allowed to connect besides the server's own (repeat for several); "

@@ -55,6 +55,7 @@ class Inference:
     def __init__(self, model: ClapModel):
         self.model = model
         self.text_calls = 0  # batches whose texts went through the model (in calls of up to 64 texts)
+        self.audio_windows = 0  # 10-s windows that went through the model
 
     def __call__(self, jobs: Sequence[AudioJob | TextJob]) -> list[Result | Exception]:
         """One result per job, in order: a :class:`Result`, or the exception that failed a text job."""
@@ -83,6 +84,7 @@ class Inference:
         for start in range(0, len(windows), step):
             stop = min(start + step, len(windows))
             raw[start:stop] = self.model.embed_windows(windows[start:stop])  # a view of the windows: no copy
+            self.audio_windows += stop - start
             while done < len(audio) and ends[done] <= stop:
                 i, job = audio[done]
                 bounds = (ends[done - 1] if done else 0) + np.cumsum([0] + [len(clip) for clip in job.clips])

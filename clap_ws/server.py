@@ -92,6 +92,7 @@ class ServerConfig:
     token: str | None = None  # required from clients (Authorization: Bearer, or ?token=) when set
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own (clients without one: any)
     text_cache: int = 4096  # prompt embeddings kept (LRU)
+    audio_cache: int = 2048  # sound embeddings kept by content (LRU, ~2 KB each; 0: off)
     archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
     library_poll_s: float = 2.0  # how often library files are checked for a rebuild (0: never)
 
@@ -184,6 +185,7 @@ class ClapServer:
             model, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
             max_seconds=config.max_seconds, warm_up=config.warm_up, libraries=list(libraries),
             archives=archives, projection=projection, text_cache=config.text_cache,
+            audio_cache=config.audio_cache,
         )
         self.batcher = self.service.batcher
         self.http = HttpApi(self.service, self.info)

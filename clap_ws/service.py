@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .audio import load, windows
+from .audio import AudioSpec, load, windows
 from .batching import MicroBatcher
 from .cpu import instruction_set
 from .errors import ClapError, ErrorCode
@@ -51,10 +53,20 @@ from .protocol import (
 from .search.archive import Archives
 from .search.library import Filters, Library, Page, find
 from .search.scan import choose_kernel, single_threaded
-from .similarity import TextCache, cosine_matrix, softmax_probs, unit
+from .similarity import EmbeddingCache, cosine_matrix, softmax_probs, unit
 
 _log = logging.getLogger(__name__)
 Reply = tuple[bytes, bool]
+
+
+@dataclass
+class SoundResult:
+    """One request's sound embeddings (rows in request order), its model timings and which rows were cached."""
+
+    embeddings: np.ndarray
+    queue_ms: float
+    model_ms: float
+    cached: list[bool]
 OFF_LOOP_BYTES = 4 << 20  # messages and audio larger than this are parsed and prepared on the decode thread
 
 
@@ -64,7 +76,7 @@ class Service:
     def __init__(self, model: ClapModel, *, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024,
                  max_seconds: float = 60.0, warm_up: bool = True, libraries: Sequence[Library] = (),
                  archives: Archives | None = None, projection: Projection | None = None,
-                 text_cache: int = 4096):
+                 text_cache: int = 4096, audio_cache: int = 2048):
         self.model = model
         self.max_seconds = max_seconds
         self.inference = Inference(model)
@@ -78,7 +90,13 @@ class Service:
         self.libraries = {lib.name: lib for lib in libraries}
         self.archives = archives or Archives()
         self.projection = projection
-        self.text_cache = TextCache(text_cache)
+        self.text_cache = EmbeddingCache(text_cache)
+        self.audio_cache = EmbeddingCache(audio_cache)  # content hash -> (embedding, warnings)
+        self._model_key = repr(sorted(model_identity(model).items()))
+        self._silence_key = ("silence", self._model_key)  # all-zero windows: one model input, whatever the length
+        self._sounds_in_flight: dict[Any, tuple[asyncio.Future, list[str]]] = {}
+        self._jobs_of_rows: dict[asyncio.Future, asyncio.Future] = {}  # a sound's row -> the job computing it
+        self._interest: dict[asyncio.Future, int] = {}  # a row -> requests waiting for it
         self._texts_in_flight: dict[str, asyncio.Future] = {}  # text -> future of its embedding row
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
         # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
@@ -147,30 +165,145 @@ class Service:
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
-    async def _audio(self, buffers: list, spec, client: Hashable = None,
-                     warnings: list[list[str]] | None = None) -> asyncio.Future:
-        """Decode, resample and window every buffer (see :meth:`off_loop`), and queue them as one job costing
-        its windows.
+    async def _audio(self, buffers: list, spec: AudioSpec, client: Hashable = None,
+                     warnings: list[list[str]] | None = None) -> asyncio.Task:
+        """Embed every buffer once: from the audio cache, from a job already in flight for the same sound, or
+        in one new job (decoded, resampled and windowed now, see :meth:`off_loop`) costing its windows.
 
-        With ``warnings``, each buffer's warnings (see :func:`clap_ws.audio.prepare`) are appended as a list.
+        Returns once the work is queued; the task yields a :class:`SoundResult`. Raises
+        :class:`~clap_ws.errors.ClapError` for bad audio or ``busy``. With ``warnings``, each buffer's warnings
+        (see :func:`clap_ws.audio.prepare`) are appended as a list, for cached sounds too.
         """
         size = sum(memoryview(b).nbytes for b in buffers)
-        clips = await self.off_loop(size, self._clips, buffers, spec, warnings)
-        return self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
+        keys = await self.off_loop(size, self._content_keys, buffers, spec) if self.audio_cache.capacity else \
+            [None] * len(buffers)
+        rows: list[np.ndarray | asyncio.Future | None] = [None] * len(buffers)
+        notes: list[list[str]] = [[] for _ in buffers]
+        todo: dict[Any, list[int]] = {}  # key (or a private one when not caching) -> the buffers with it
+        for i, key in enumerate(keys):
+            hit = self._cached_or_flying(key, i, rows, notes)
+            if not hit:
+                todo.setdefault(key if key is not None else ("buffer", i), []).append(i)
+        if todo:
+            firsts = [group[0] for group in todo.values()]
+            size = sum(memoryview(buffers[i]).nbytes for i in firsts)
+            prepared = await self.off_loop(size, self._clips, [(i, buffers[i]) for i in firsts], spec,
+                                           len(buffers) > 1)
+            new: dict[Any, tuple[np.ndarray, list[int]]] = {}
+            for (key, group), (clip, clip_notes) in zip(todo.items(), prepared):
+                for i in group:
+                    notes[i] = clip_notes
+                if self.audio_cache.capacity and not clip.any():  # silence: the same model input at any length
+                    key = self._silence_key
+                    if self._cached_or_flying(key, group[0], rows, notes, count=False):
+                        self.audio_cache.hits, self.audio_cache.misses = self.audio_cache.hits + 1, \
+                            self.audio_cache.misses - 1
+                        notes[group[0]] = clip_notes
+                        for i in group[1:]:
+                            rows[i] = rows[group[0]]
+                        continue
+                new.setdefault(key, (clip, []))[1].extend(group)
+            if new:
+                clips = [clip for clip, _ in new.values()]
+                job = self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
+                self._sounds_started(job, [(key, group) for key, (_, group) in new.items()], notes, rows)
+        if warnings is not None:
+            warnings.extend(notes)
+        return asyncio.ensure_future(self._sound_result(rows))
 
-    def _clips(self, buffers: list, spec, warnings: list[list[str]] | None) -> list[np.ndarray]:
-        clips = []
-        for i, data in enumerate(buffers):
+    def _content_keys(self, buffers: list, spec: AudioSpec) -> list[bytes]:
+        """A hash of each buffer's bytes and of everything else that decides its embedding (rate, channels,
+        normalisation, long-clip mode, the model)."""
+        context = repr((spec.sample_rate, spec.channels, spec.normalize, spec.long_clip, self._model_key)).encode()
+        keys = []
+        for data in buffers:
+            digest = hashlib.blake2b(context, digest_size=20)
+            digest.update(memoryview(data))
+            keys.append(digest.digest())
+        return keys
+
+    def _cached_or_flying(self, key, i: int, rows: list, notes: list, count: bool = True) -> bool:
+        """Fill ``rows[i]`` from the cache or an in-flight job for ``key``; whether it could be."""
+        if key is None:
+            return False
+        cached = self.audio_cache.get(key) if count else self.audio_cache.peek(key)
+        if cached is not None:
+            rows[i], notes[i] = cached
+            return True
+        flying = self._sounds_in_flight.get(key)
+        if flying is not None:
+            rows[i], notes[i] = flying
+            return True
+        return False
+
+    def _sounds_started(self, job: asyncio.Future, job_keys: list, notes: list, rows: list) -> None:
+        """Rows for a new job's sounds, shared through ``_sounds_in_flight`` until it settles; then cached."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for key, group in job_keys:
+            row = loop.create_future()
+            futures.append((key, row))
+            for i in group:
+                rows[i] = row
+            if self.audio_cache.capacity:
+                self._sounds_in_flight[key] = (row, notes[group[0]])
+        self._jobs_of_rows.update({row: job for _, row in futures})
+
+        def settle(job: asyncio.Future) -> None:
+            error = ClapError("the audio job was cancelled") if job.cancelled() else job.exception()
+            for n, (key, row) in enumerate(futures):
+                entry = self._sounds_in_flight.pop(key, None)
+                self._jobs_of_rows.pop(row, None)
+                if error is None:
+                    vec = job.result().embeddings[n]
+                    if entry is not None:
+                        self.audio_cache.store([key], [(vec, entry[1])])
+                    row.set_result((vec, job.result().queue_ms, job.result().model_ms))
+                else:
+                    row.set_exception(error)
+                    row.add_done_callback(lambda r: r.exception())  # nobody may be waiting any more
+
+        job.add_done_callback(settle)
+
+    async def _sound_result(self, rows: list) -> SoundResult:
+        """Wait for the rows still in flight; a request that goes away cancels a job nobody else waits for."""
+        waiting = {r for r in rows if isinstance(r, asyncio.Future)}
+        for row in waiting:
+            self._interest[row] = self._interest.get(row, 0) + 1
+        try:
+            vectors, cached, queue_ms, model_ms = [], [], 0.0, 0.0
+            for row in rows:
+                if isinstance(row, asyncio.Future):
+                    vec, queue_ms, model_ms = await asyncio.shield(row)
+                    cached.append(False)
+                else:
+                    vec = row
+                    cached.append(True)
+                vectors.append(vec)
+            return SoundResult(np.stack(vectors), queue_ms, model_ms, cached)
+        finally:
+            for row in waiting:
+                self._interest[row] -= 1
+                if self._interest[row] <= 0:
+                    del self._interest[row]
+                    job = self._jobs_of_rows.get(row)
+                    if job is not None and not job.done() and not any(
+                            r in self._interest for r, j in self._jobs_of_rows.items() if j is job):
+                        job.cancel()  # its client left and nobody else is waiting for these sounds
+
+    def _clips(self, buffers: list[tuple[int, bytes]], spec: AudioSpec,
+               batch: bool) -> list[tuple[np.ndarray, list[str]]]:
+        """(windows, warnings) per (index, buffer); a bad buffer raises, named by its index in a batch."""
+        out = []
+        for i, data in buffers:
             notes: list[str] = []
             try:
-                clips.append(windows(load(data, spec, self.max_seconds, notes), spec.long_clip))
+                out.append((windows(load(data, spec, self.max_seconds, notes), spec.long_clip), notes))
             except ClapError as exc:
-                if len(buffers) > 1:
+                if batch:
                     exc.args = (f"audio_buffers[{i}]: {exc.message}",)
                 raise
-            if warnings is not None:
-                warnings.append(notes)
-        return clips
+        return out
 
     def _texts(self, texts, client: Hashable = None) -> Callable[[], Awaitable[np.ndarray]]:
         """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512)."""
@@ -279,6 +412,8 @@ class Service:
             result = await audio
             emb = result.embeddings
             extras: dict[str, list] = {"warnings": warnings} if any(warnings) else {}
+            if self.audio_cache.capacity:
+                extras["cached"] = result.cached
             if prompts is not None:
                 cos = cosine_matrix(emb, await prompts())
                 extras["similarity"] = [dict(zip(sc.prompts, row)) for row in cos.tolist()]
@@ -394,7 +529,9 @@ class Service:
             "items": self.batcher.items,
             "dropped": self.batcher.dropped,
             "text_model_calls": self.text_model_calls,
+            "audio_windows": self.inference.audio_windows,
             "text_cache": self.text_cache.describe(),
+            "audio_cache": self.audio_cache.describe(),
             "cpu": instruction_set(),
             "search_kernel": self.search_kernel,
             "libraries": [{"name": lib.name, "count": len(lib), "index": lib.index.kind, "root": lib.root,

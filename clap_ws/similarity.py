@@ -5,7 +5,7 @@ One cosine function serves the server and the Python API
 agree to rounding. ``probs`` is CLAP's zero-shot classification: a softmax
 over prompts of cosine times the model's learnt logit scale.
 
-:class:`TextCache` is an LRU of prompt embeddings: an evolution loop sends
+:class:`EmbeddingCache` is an LRU of embeddings (prompts by text, sounds by content): an evolution loop sends
 the same few prompts with every sound, and a cached prompt costs no model
 call at all.
 """
@@ -13,6 +13,8 @@ call at all.
 from __future__ import annotations
 
 import collections
+from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -39,20 +41,35 @@ def softmax_probs(cosines: np.ndarray, logit_scale: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class TextCache:
-    """Least-recently-used map from text to its embedding."""
+class EmbeddingCache:
+    """Least-recently-used map from a key (a text, a sound's content hash) to its embedding."""
 
     def __init__(self, capacity: int = 4096):
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
-        self._items: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.evictions = 0
+        self._items: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, text: str) -> bool:
-        return text in self._items
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def peek(self, key: Hashable):
+        """The value for ``key`` or None, neither counted nor refreshed."""
+        return self._items.get(key)
+
+    def get(self, key: Hashable):
+        """The embedding for ``key`` (counted as a hit or a miss), or None."""
+        vec = self._items.get(key)
+        if vec is None:
+            self.misses += 1
+        else:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return vec
 
     def lookup(self, texts) -> tuple[dict[str, np.ndarray], list[str]]:
         """(cached embeddings by text, distinct texts still to embed)."""
@@ -68,14 +85,16 @@ class TextCache:
                 self.hits += 1
         return found, missing
 
-    def store(self, texts, vectors: np.ndarray) -> None:
+    def store(self, keys, values) -> None:
         if self.capacity <= 0:
             return
-        for text, vec in zip(texts, vectors):
-            self._items[text] = vec
-            self._items.move_to_end(text)
+        for key, value in zip(keys, values):
+            self._items[key] = value
+            self._items.move_to_end(key)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
+            self.evictions += 1
 
     def describe(self) -> dict:
-        return {"size": len(self), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
+        return {"size": len(self), "capacity": self.capacity, "hits": self.hits, "misses": self.misses,
+                "evictions": self.evictions}

@@ -118,3 +118,13 @@ def test_web_benchmark_reports_both_paths_and_the_page_weight(tmp_path):
         (p, c) for p in ("HTTP /api/search", "WebSocket search") for c in ("cached text", "new text", "tag filter")}
     assert all(r["p50_ms"] > 0 and r["requests"] == 3 for r in data["rows"])
     assert 10_000 < data["meta"]["page_bytes"] < 300 * 1024 and "cores" in data["meta"]["machine"]
+
+
+@pytest.mark.slow
+def test_cache_benchmark_compares_both_servers_in_one_run(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cache.py"), "--sounds", "10", "--rounds", "1",
+                             "--repeat", "0.5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "cache.json").read_text())
+    assert data["rows"]["cache off"]["cached_share"] == 0 and data["rows"]["cache on"]["cached_share"] > 0
+    assert data["meta"]["throughput_ratio_median"] > 0 and "cores" in data["meta"]["machine"]

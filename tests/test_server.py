@@ -409,10 +409,10 @@ async def test_a_queued_frame_is_not_kept_once_its_windows_are_made(model):
 
 async def test_admission_counts_windows_not_requests(model):
     """Two 60-s clips are 12 windows of model time: more than --max-queue 8 can ever hold."""
-    minute = b64(noise(seconds=60, seed=3))
+    minute, other = b64(noise(seconds=60, seed=3)), b64(noise(seconds=60, seed=4))
     async with running_server(model, max_queue=8) as server:
         async with connect(server) as ws:
-            too_big = await ask(ws, {"op": "embed_batch", "audio_buffers": [minute, minute], "id": 1})
+            too_big = await ask(ws, {"op": "embed_batch", "audio_buffers": [minute, other], "id": 1})
             fits = await ask(ws, {"op": "embed_batch", "audio_buffers": [minute], "long_clip": "head", "id": 2})
     assert too_big["error"]["code"] == ErrorCode.TOO_MANY_ITEMS and "12 units" in too_big["error"]["message"]
     assert fits["status"] == "OK" and server.batcher.load == 0
