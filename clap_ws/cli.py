@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from dataclasses import fields, replace
+from pathlib import Path
 
 from . import __version__
 from .errors import ClapError, ModelError
@@ -159,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one of: " + ", ".join(KNOWN_CHECKPOINTS) + " (default %(default)s)")
     fetch.add_argument("--cache-dir", help="destination (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default %(default)s)")
+    proj = sub.add_parser("projection", help="behaviour descriptors for quality-diversity runs")
+    proj_sub = proj.add_subparsers(dest="projection_command", required=True)
+    pfit = proj_sub.add_parser("fit", help="fit a projection of embeddings to a few dimensions in [0, 1], for "
+                                           "--projection")
+    pfit.add_argument("source", metavar="SOURCE", help="a library (.npz), an archive file from --archive-dir, or an "
+                                                        ".npy of (n, 512) embeddings")
+    pfit.add_argument("--dims", type=int, default=6, help="behaviour dimensions (default %(default)s)")
+    pfit.add_argument("--method", choices=["triplet", "pca"], default="triplet",
+                      help="triplet: a small network trained with a triplet margin loss on CLAP-distance (and "
+                           "--triplets) judgements (default); pca: the leading principal directions")
+    pfit.add_argument("--hidden", type=int, nargs="*", default=[64], metavar="N",
+                      help="hidden layer widths of the triplet network (default 64; none: linear)")
+    pfit.add_argument("--triplets", metavar="FILE.jsonl",
+                      help='people\'s judgements, one {"anchor", "positive", "negative"} per line, by item id or '
+                           "path; they take precedence over CLAP's")
+    pfit.add_argument("--epochs", type=int, default=20, help="training epochs (default %(default)s)")
+    pfit.add_argument("--margin", type=float, default=0.2, help="triplet margin (default %(default)s)")
+    pfit.add_argument("--fit-seed", type=int, default=0, help="seed: the same inputs give the same file")
+    pfit.add_argument("--out", required=True, metavar="FILE", help="the projection file to write")
+
     ev = sub.add_parser("evaluate", help="how well the library's model classifies and retrieves its labelled "
                                          "sounds: zero-shot, prototypes and a linear model side by side")
     ev.add_argument("lib", metavar="LIB", help="a library built by `clap-ws library build`")
@@ -183,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(ev)
     return parser
+
+
+def _projection(args: argparse.Namespace) -> int:
+    import json
+
+    from .projection.fit import FitOptions, fit
+    from .projection.sources import read_source, read_triplets
+
+    embeddings, ids, paths = read_source(args.source)
+    human = read_triplets(args.triplets, ids, paths) if args.triplets else None
+    options = FitOptions(dims=args.dims, method=args.method, hidden=tuple(args.hidden), epochs=args.epochs,
+                         margin=args.margin, seed=args.fit_seed,
+                         extra={"source": Path(args.source).name, "items": len(embeddings)})
+    projection = fit(embeddings, options, human)
+    projection.save(args.out)
+    print(json.dumps({"out": args.out, **{k: projection.meta[k] for k in ("method", "dims", "items", "triplets",
+                                                                          "figures", "fit_seconds")}}, indent=1))
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -266,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             return _library(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "projection":
+            return _projection(args)
         from .projection import Projection
         from .search.archive import Archives
         from .search.library import Library

@@ -81,6 +81,7 @@ class EmbedRequest:
     batch: bool = False
     scoring: Scoring = Scoring()
     warnings: tuple[str, ...] = ()  # about the request itself (e.g. unknown URL query keys)
+    descriptor: bool = False  # add behaviour descriptors (also on /clap-bd)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,21 @@ class LibrariesRequest:
 
 
 @dataclass(frozen=True)
+class ProjectionRequest:
+    """``projection_fit`` (on a named archive, with optional people's triplets by item id) or ``projection_info``."""
+
+    op: str
+    id: Any = None
+    archive: str | None = None
+    dims: int = 6
+    method: str = "triplet"
+    hidden: tuple[int, ...] = (64,)
+    triplets: tuple[tuple[Any, Any, Any], ...] = ()
+    epochs: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ArchiveRequest:
     """``archive_add``, ``novelty``, ``archive_search``, ``archive_info`` or ``archive_drop``."""
 
@@ -131,7 +147,8 @@ class InfoRequest:
     id: Any = None
 
 
-Request = EmbedRequest | TextRequest | SearchRequest | ArchiveRequest | InfoRequest | LibrariesRequest
+Request = (EmbedRequest | TextRequest | SearchRequest | ArchiveRequest | InfoRequest | LibrariesRequest
+           | ProjectionRequest)
 
 
 @dataclass(frozen=True)
@@ -194,6 +211,7 @@ class _Audio(_Message):
 
 class _Scoring(_Audio):
     reply: Literal[REPLY_FORMATS] | None = None  # type: ignore[valid-type]
+    descriptor: StrictBool = False  # behaviour descriptors on any path, as on /clap-bd
     prompts: list[Text] | None = Field(None, min_length=1)
     probs: StrictBool = False
     references: Any = None  # (r, 512) numbers, checked by _vectors
@@ -259,6 +277,28 @@ class _ArchiveMessage(_Audio):
     top_k: StrictInt = Field(10, ge=1, le=1000)
 
 
+class _Triplet(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    anchor: ItemId
+    positive: ItemId
+    negative: ItemId
+
+
+class _ProjectionFitMessage(_Message):
+    op: Literal["projection_fit"]
+    archive: Name
+    dims: StrictInt = Field(6, ge=1, le=32)
+    method: Literal["triplet", "pca"] = "triplet"
+    hidden: list[StrictInt] = Field(default_factory=lambda: [64], max_length=2)
+    triplets: list[_Triplet] = Field(default_factory=list, max_length=100_000)
+    epochs: StrictInt = Field(20, ge=1, le=500)
+    seed: StrictInt = 0
+
+
+class _ProjectionInfoMessage(_Message):
+    op: Literal["projection_info"]
+
+
 class _ArchiveInfoMessage(_Message):
     op: Literal["archive_info"]
     archive: Name | None = None
@@ -277,7 +317,8 @@ _SCHEMAS: dict[str, type[_Message]] = {
             "embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_text": _EmbedTextMessage,
             "search": _SearchMessage, "archive_add": _ArchiveMessage, "novelty": _ArchiveMessage,
             "archive_search": _ArchiveMessage, "archive_info": _ArchiveInfoMessage,
-            "archive_drop": _ArchiveDropMessage, "info": _InfoMessage, "libraries": _LibrariesMessage}
+            "archive_drop": _ArchiveDropMessage, "info": _InfoMessage, "libraries": _LibrariesMessage,
+            "projection_fit": _ProjectionFitMessage, "projection_info": _ProjectionInfoMessage}
 OPS = tuple(_SCHEMAS)
 
 
@@ -437,6 +478,11 @@ def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Reque
         return InfoRequest(msg.id)
     if isinstance(msg, _LibrariesMessage):
         return LibrariesRequest(msg.id)
+    if isinstance(msg, _ProjectionInfoMessage):
+        return ProjectionRequest("projection_info", msg.id)
+    if isinstance(msg, _ProjectionFitMessage):
+        return ProjectionRequest("projection_fit", msg.id, msg.archive, msg.dims, msg.method, tuple(msg.hidden),
+                                 tuple((t.anchor, t.positive, t.negative) for t in msg.triplets), msg.epochs, msg.seed)
     if isinstance(msg, _EmbedTextMessage):
         return TextRequest(tuple(msg.texts), msg.id)
     if isinstance(msg, (_ArchiveInfoMessage, _ArchiveDropMessage)):
@@ -501,7 +547,11 @@ def _embed_request(msg: _Scoring, spec: AudioSpec, buffers: list[bytes], default
     if reply == "binary" and scoring.active:
         raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for prompts, references, "
                         "top_k or archive with reply=json")
-    return EmbedRequest(buffers, spec, reply, msg.id, isinstance(msg, _EmbedBatchMessage), scoring)
+    if reply == "binary" and msg.descriptor:
+        raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for descriptor with "
+                        "reply=json")
+    return EmbedRequest(buffers, spec, reply, msg.id, isinstance(msg, _EmbedBatchMessage), scoring,
+                        descriptor=msg.descriptor)
 
 
 # ---- replies --------------------------------------------------------------------

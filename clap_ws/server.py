@@ -65,7 +65,7 @@ from .service import Service, done
 
 _log = logging.getLogger(__name__)
 PATHS = ("/", "/clap")
-DESCRIPTOR_PATH = "/clap-bd"  # replies add behavior_descriptor (needs --projection)
+DESCRIPTOR_PATH = "/clap-bd"  # replies add behavior_descriptor and projection_version
 MiB = 1 << 20
 
 
@@ -435,9 +435,9 @@ class ClapServer:
         assert ws.request is not None  # the handshake is done before the handler runs
         url = urlsplit(ws.request.path)
         descriptor = url.path == DESCRIPTOR_PATH
-        if url.path not in PATHS and not (descriptor and self.service.projection is not None):
-            hint = " (this server has no --projection)" if descriptor else ""
-            error = ClapError(f"unknown path {url.path!r}{hint}; connect to /clap", code=ErrorCode.NOT_FOUND)
+        if url.path not in PATHS and not descriptor:
+            error = ClapError(f"unknown path {url.path!r}; connect to /clap (or /clap-bd for behaviour descriptors)",
+                              code=ErrorCode.NOT_FOUND)
             await ws.send(error_reply(error), text=True)
             await ws.close(4404, "unknown path")
             return

@@ -35,6 +35,7 @@ import numpy as np
 from .audio import AudioSpec, load, windows
 from .batching import MicroBatcher
 from .cpu import instruction_set
+from .descriptors import HOW, Descriptors
 from .errors import ClapError, ErrorCode
 from .inference import AudioJob, Inference, TextJob
 from .model.clap import ClapModel, model_identity
@@ -44,6 +45,7 @@ from .protocol import (
     EmbedRequest,
     InfoRequest,
     LibrariesRequest,
+    ProjectionRequest,
     Request,
     SearchRequest,
     TextRequest,
@@ -89,7 +91,7 @@ class Service:
             library.check_model(identity)
         self.libraries = {lib.name: lib for lib in libraries}
         self.archives = archives or Archives()
-        self.projection = projection
+        self.descriptors = Descriptors(projection, self.archives.directory)
         self.text_cache = EmbeddingCache(text_cache)
         self.audio_cache = EmbeddingCache(audio_cache)  # content hash -> (embedding, warnings)
         self._model_key = repr(sorted(model_identity(model).items()))
@@ -120,6 +122,7 @@ class Service:
         self._pool.submit(self.archives.flush).result()
         self._pool.shutdown()
         self._decoder.shutdown()
+        self.descriptors.close()
 
     async def flush_archives(self) -> int:
         return await self._in_pool(self.archives.flush)
@@ -162,6 +165,13 @@ class Service:
                 return done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
             case LibrariesRequest():
                 return done(_ok("libraries", {"libraries": self.describe_libraries()}, request.id))
+            case ProjectionRequest(op="projection_info"):
+                return done(_ok("projection_info", self.descriptors.info(), request.id))
+            case ProjectionRequest():
+                archive = self.archives.get(request.archive or "")
+                vectors, ids = await self._in_pool(lambda: (archive.index.vectors.copy(), list(archive.ids)))
+                started = self.descriptors.start_fit(vectors, ids, request, archive.name)
+                return done(_ok("projection_fit", {"started": True, **started}, request.id))
         raise TypeError(f"unhandled request {type(request).__name__}")
 
     # ---- building blocks (synchronous part) -------------------------------------------
@@ -426,8 +436,12 @@ class Service:
                 extras["matches"] = await self._in_pool(self._search_libraries, libraries, emb, sc.top_k, sc.tags)
             if sc.archive:
                 extras.update(await self._in_pool(self._novelty_and_add, sc, emb))
-            if descriptor and self.projection is not None:
-                extras["behavior_descriptor"] = self.projection(emb).tolist()
+            if descriptor or req.descriptor:
+                values, version = self.descriptors.apply(emb)
+                extras["behavior_descriptor"] = values if values is not None else [None] * len(emb)
+                extras["projection_version"] = [version] * len(emb)
+                if values is None:
+                    extras["warnings"] = [[*w, HOW] for w in warnings] if warnings else [[HOW]] * len(emb)
             return embedding_reply(req, emb, model=self.model.identity.name, seconds=time.perf_counter() - received,
                                    queue_ms=result.queue_ms, model_ms=result.model_ms, extras=extras)
 
@@ -538,8 +552,9 @@ class Service:
                            "prescan": lib.index.scan.prescan}
                           for lib in self.libraries.values()],
             "archives": len(self.archives.names()),
-            "projection": None if self.projection is None else
-            {"source": self.projection.source, "dimensions": self.projection.dims},
+            "projection": None if self.descriptors.projection is None else
+            {"source": self.descriptors.projection.source, "dimensions": self.descriptors.projection.dims,
+             "version": self.descriptors.version},
         }
 
 

@@ -270,7 +270,8 @@ async def test_projection_npz_on_clap_bd(model, tmp_path):
     expected = (np.array(reply["embedding"], "f4") - mean) @ components.T
     np.testing.assert_allclose(reply["behavior_descriptor"], expected, atol=1e-5)
     assert len(batch["behavior_descriptor"]) == 2 and "behavior_descriptor" not in plain
-    assert info["projection"] == {"source": "pca.npz", "dimensions": 2}
+    assert info["projection"] == {"source": "pca.npz", "dimensions": 2, "version": 1}
+    assert reply["projection_version"] == 1
 
 
 async def test_projection_torchscript_and_missing_projection(model, server, tmp_path):
@@ -284,11 +285,10 @@ async def test_projection_torchscript_and_missing_projection(model, server, tmp_
     with torch.no_grad():
         expected = linear(torch.tensor([reply["embedding"]])).numpy()[0]
     np.testing.assert_allclose(reply["behavior_descriptor"], expected, atol=1e-5)
-    ws = await connect(server, path="/clap-bd")  # no --projection: refused like any unknown path
-    err = json.loads(await ws.recv())
-    await ws.wait_closed()
-    assert err["error"]["code"] == ErrorCode.NOT_FOUND and "--projection" in err["error"]["message"]
-    assert ws.close_code == 4404
+    async with connect(server, path="/clap-bd") as ws:  # no projection: the embedding, and how to get one
+        bare = await ask(ws, noise(seconds=0.5).tobytes())
+    assert bare["status"] == "OK" and bare["behavior_descriptor"] is None and bare["projection_version"] is None
+    assert any("projection_fit" in w and "--projection" in w for w in bare["warnings"])
 
 
 def test_bad_projection_files(tmp_path):
