@@ -27,6 +27,8 @@ export interface ScoringOptions {
   k?: number;
   archiveAdd?: boolean;
   ids?: unknown[];
+  /** Behaviour descriptors from the server's projection (as on /clap-bd). */
+  descriptor?: boolean;
 }
 
 export type EmbedOptions = AudioOptions & ScoringOptions & RequestOptions;
@@ -53,6 +55,24 @@ export interface SearchPage {
   model: string;
 }
 
+export interface ProjectionOptions extends RequestOptions {
+  dims?: number;
+  method?: "triplet" | "pca";
+  hidden?: number[];
+  epochs?: number;
+  seed?: number;
+  /** People's judgements, by archive item id: they take precedence over CLAP's distances. */
+  triplets?: Array<{ anchor: unknown; positive: unknown; negative: unknown }>;
+}
+
+export interface ProjectionInfo {
+  installed: ({ version: number; method?: string; dims?: number; dimensions: number; figures?: Record<string, Record<string, number>>;
+    fitted_on?: Record<string, unknown> } & Record<string, unknown>) | null;
+  fitting: Record<string, unknown> | null;
+  lastError: string | null;
+  how?: string;
+}
+
 export interface LibraryInfo {
   name: string;
   count: number;
@@ -74,7 +94,12 @@ export interface Extras {
   matches?: Match[];
   novelty?: number | null;
   archiveCount?: number;
-  behaviorDescriptor?: number[];
+  /** null while the server has no projection (warnings then say how to fit one). */
+  behaviorDescriptor?: number[] | null;
+  /** Which projection made behaviorDescriptor: it goes up by one with every fit installed. */
+  projectionVersion?: number | null;
+  /** Answered from the server's audio cache (the same embedding, bit for bit, without a model call). */
+  cached?: boolean;
   /** What the server served but wants the client to know (samples clipped, unknown URL keys). */
   warnings?: string[];
 }
@@ -180,6 +205,8 @@ export class ClapClient {
   info(options?: RequestOptions): Promise<Record<string, unknown>>;
   searchPage(query: SearchQuery, options?: RequestOptions): Promise<SearchPage>;
   libraries(options?: RequestOptions): Promise<LibraryInfo[]>;
+  fitProjection(archive: string, options?: ProjectionOptions): Promise<{ started: boolean; version: number; nextVersion: number; items: number }>;
+  projectionInfo(options?: RequestOptions): Promise<ProjectionInfo>;
 }
 
 export interface ClapPool extends ClapRequests {}

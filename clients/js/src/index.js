@@ -116,6 +116,7 @@ function scoringFields(opts = {}) {
   if (opts.k !== undefined) out.k = opts.k;
   if (opts.archiveAdd) out.archive_add = true;
   if (opts.ids) out.ids = opts.ids;
+  if (opts.descriptor) out.descriptor = true;
   return out;
 }
 
@@ -126,7 +127,7 @@ function itemsOf(reply, index, batch) {
   const out = {};
   for (const [key, name] of [["similarity", "similarity"], ["probs", "probs"], ["reference_similarity", "referenceSimilarity"],
     ["matches", "matches"], ["novelty", "novelty"], ["archive_count", "archiveCount"], ["behavior_descriptor", "behaviorDescriptor"],
-    ["warnings", "warnings"]]) {
+    ["projection_version", "projectionVersion"], ["cached", "cached"], ["warnings", "warnings"]]) {
     const value = pick(key);
     if (value !== undefined) out[name] = value;
   }
@@ -367,6 +368,28 @@ export class ClapClient {
   searchPage(query = {}, opts = {}) {
     return this.request(searchMessage(query), (reply) => ({
       matches: reply.matches, count: reply.count, offset: reply.offset, more: reply.more, model: reply.model,
+    }), opts);
+  }
+
+  /**
+   * Fit behaviour descriptors on a named archive, in the background: resolves at once to {started, version,
+   * nextVersion, items}; projectionInfo() says when it is installed. options: dims (6), method ("triplet" | "pca"),
+   * hidden ([64]), epochs, seed, triplets: [{anchor, positive, negative}] by archive item id (people's judgements).
+   */
+  fitProjection(archive, options = {}) {
+    const message = { op: "projection_fit", archive };
+    for (const key of ["dims", "method", "hidden", "epochs", "seed", "triplets"]) {
+      if (options[key] !== undefined) message[key] = options[key];
+    }
+    return this.request(message, (reply) => ({
+      started: reply.started, version: reply.version, nextVersion: reply.next_version, items: reply.items,
+    }), options);
+  }
+
+  /** What projection is installed ({version, method, dims, figures, fittedOn...} or null), and any fit running. */
+  projectionInfo(opts = {}) {
+    return this.request({ op: "projection_info" }, (reply) => ({
+      installed: reply.installed, fitting: reply.fitting, lastError: reply.last_error, how: reply.how,
     }), opts);
   }
 

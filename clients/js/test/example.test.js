@@ -21,3 +21,15 @@ test("examples/generation-loop.js runs three generations", async () => {
   assert.match(lines[2], /^generation 2: best fitness -?\d\.\d{3}, novelty \d\.\d{3}, archive 24$/);
   assert.match(lines[3], /^novelty of two offspring: \d\.\d{3}, \d\.\d{3}$/);
 });
+
+test("examples/map-elites.js fills a grid over descriptors that the server refits", async () => {
+  const script = fileURLToPath(new URL("../examples/map-elites.js", import.meta.url));
+  const { stdout } = await promisify(execFile)(process.execPath, [script], {
+    env: { ...process.env, CLAP_WS_URL: server.url, GENERATIONS: "5", BATCH: "8", REFIT_EVERY: "2" }, timeout: 300_000,
+  });
+  const lines = stdout.trim().split("\n");
+  assert.match(lines[0], /^generation 0: projection none, 0 new elites, 0 of 16 cells filled$/);
+  assert.match(lines[2], /^generation 2: projection 1, \d+ new elites, [1-9]\d* of 16 cells filled$/);
+  assert.match(lines[4], /^generation 4: projection 2, /);
+  assert.match(lines[5], /^best: fitness -?\d\.\d{3} in cell \d,\d \(projection 2\)$/);
+});
