@@ -49,6 +49,7 @@ class BuildReport:
     reused: int = 0
     dropped: int = 0
     resumed: int = 0  # embedded by an earlier, interrupted run
+    renamed: int = 0  # new paths whose bytes the library already had (renamed or copied): reused, not embedded
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     total: int = 0
 
@@ -94,20 +95,42 @@ def _read_journal(journal: Path) -> tuple[list[dict], list[np.ndarray]]:
     return items, vectors
 
 
-def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, batch: int = 16,
-          index: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD, max_seconds: float = 600.0,
+def build(model: ClapModel | Callable[[], ClapModel], root: str | os.PathLike, out: str | os.PathLike, *,
+          batch: int = 16, index: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD, max_seconds: float = 600.0,
           progress: bool = True, on_batch: Callable[[int], None] | None = None) -> BuildReport:
-    """Embed every audio file below ``root`` into the library file ``out`` (resumable, incremental)."""
+    """Embed every audio file below ``root`` into the library file ``out`` (resumable, incremental).
+
+    ``model`` may be a function that loads it: then it is called only when a
+    file needs embedding (or for a new library), so re-running a build with
+    nothing new takes seconds; the library keeps the model it was built with.
+    A renamed or copied file whose bytes are known reuses its embedding.
+    """
     from tqdm import tqdm
 
     root, out = Path(root).resolve(), Path(out)
     if not root.is_dir():
         raise ModelError(f"{root} is not a folder")
-    identity = model_identity(model)
+    loaded: list[ClapModel] = [model] if isinstance(model, ClapModel) else []
+
+    def the_model() -> ClapModel:
+        if not loaded:
+            loaded.append(model())  # type: ignore[operator]
+            if out.exists():
+                previous.check_model(model_identity(loaded[0]))
+        if loaded[0].identity.untrained and not warned:
+            warned.append(True)
+            _log.warning('building with the "untrained" model: random weights, so the library\'s search results '
+                         "mean nothing (tests and latency work only)")
+        return loaded[0]
+
+    warned: list[bool] = []
     known: dict[str, tuple[dict, np.ndarray]] = {}
+    identity: dict | None = None
     if out.exists():
         previous = Library.load(out)
-        previous.check_model(identity)
+        identity = previous.model
+        if loaded:
+            previous.check_model(model_identity(loaded[0]))
         known.update({item["path"]: (item, vec) for item, vec in zip(previous.items, previous.embeddings)})
     journal = _journal_dir(out)
     journal_items, journal_vectors = _read_journal(journal) if journal.is_dir() else ([], [])
@@ -117,38 +140,48 @@ def build(model: ClapModel, root: str | os.PathLike, out: str | os.PathLike, *, 
 
     report = BuildReport()
     files = scan(root)
+    present = [path.relative_to(root).as_posix() for path in files]
+    by_hash = {item["sha256"]: (item, vec) for item, vec in known.values()}  # renamed or copied files
     keep: dict[str, tuple[dict, np.ndarray]] = {}
-    todo: list[tuple[Path, str, os.stat_result]] = []
-    for path in files:
-        rel, stat = path.relative_to(root).as_posix(), path.stat()
+    todo: list[tuple[Path, str, os.stat_result, str]] = []
+    for path, rel in zip(files, present):
+        stat = path.stat()
         old = known.get(rel)
         if old and old[0]["size"] == stat.st_size and old[0]["mtime_ns"] == stat.st_mtime_ns:
             keep[rel] = old
-        elif old and old[0]["sha256"] == sha256_of(path):
-            keep[rel] = ({**old[0], "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, old[1])
+            continue
+        digest = sha256_of(path)  # once per new or changed file: the embedding step reuses it
+        same = old if old and old[0]["sha256"] == digest else by_hash.get(digest)
+        if same is not None:
+            keep[rel] = ({**same[0], "path": rel, "tags": list(Path(rel).parent.parts), "size": stat.st_size,
+                          "mtime_ns": stat.st_mtime_ns}, same[1])
+            report.renamed += old is None
         else:
-            todo.append((path, rel, stat))
+            todo.append((path, rel, stat, digest))
     report.resumed = sum(1 for rel in keep if rel in journal_paths)
     report.reused = len(keep) - report.resumed
-    report.dropped = sum(1 for rel in known if rel not in {p.relative_to(root).as_posix() for p in files})
+    report.dropped = len(set(known) - set(present))  # one set: linear in the library's size
 
+    if identity is None:  # a new library records the model it is built with
+        identity = model_identity(the_model())
     journal.mkdir(exist_ok=True)
     chunk_no = len(list(journal.glob("chunk-*.npz")))
-    inference = Inference(model)
+    inference: Inference | None = None  # the model is loaded once a file decodes (unreadable ones need none)
     bar = tqdm(total=len(todo), unit="file", desc="embedding", disable=not progress)
     for start in range(0, len(todo), batch):
         jobs, metas = [], []
-        for path, rel, stat in todo[start : start + batch]:
+        for path, rel, stat, digest in todo[start : start + batch]:
             try:
                 wins, meta = read_audio(path, max_seconds)
             except ClapError as exc:
                 report.skipped.append((rel, exc.message))
                 continue
             tags = list(Path(rel).parent.parts)
-            metas.append({"path": rel, **meta, "sha256": sha256_of(path), "size": stat.st_size,
+            metas.append({"path": rel, **meta, "sha256": digest, "size": stat.st_size,
                           "mtime_ns": stat.st_mtime_ns, "tags": tags})
             jobs.append(AudioJob([wins]))
         if jobs:
+            inference = inference or Inference(the_model())
             results = inference(jobs)
             vectors = np.stack([r.embeddings[0] for r in results if isinstance(r, Result)])
             write_npz(journal / f"chunk-{chunk_no:06d}.npz", metas, embeddings=vectors)

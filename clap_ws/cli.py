@@ -57,6 +57,7 @@ _SERVER_HELP = {
     "allowed_origins": "browser Origin allowed to connect besides the server's own (repeat for several); "
                        "clients without an Origin are never refused",
     "archive_flush_s": "seconds between writes of changed archives to --archive-dir (default %(default)s)",
+    "metrics_token": "GET /metrics needs --token too (default: open, like /health: it holds counters only)",
     "library_poll_s": "seconds between checks of --library files for a rebuild, picked up without a restart "
                       "(default %(default)s; 0: never)",
 }
@@ -107,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clap-ws", description="LAION-CLAP embeddings over WebSocket")
     parser.add_argument("--version", action="version", version=f"clap-ws {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="what the log shows (default %(default)s)")
+                        help="what the log shows (default %(default)s; per-connection lines and each error reply "
+                             "only at DEBUG)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text lines, or one JSON object per line for log shippers (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve embeddings over WebSocket, and the search page and HTTP API")
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "allowed_origins":
             group.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[],
                                metavar="ORIGIN", help=_SERVER_HELP["allowed_origins"])
+        elif f.default is False:
+            group.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=_SERVER_HELP[f.name])
         elif f.name in _SERVER_FLAGS:
             group.add_argument(_SERVER_FLAGS[f.name], dest=f.name, action="store_false",
                                help="skip the warm-up model call before listening")
@@ -266,6 +272,24 @@ def check_exposure(config, insecure: bool) -> None:
         logging.getLogger("clap_ws").warning("listening on %s with no token (--insecure)", config.host)
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        import time
+
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        entry = {"time": stamp, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+UNTRAINED_LIBRARY = ("built with the untrained model (random weights): its search results mean nothing; "
+                     "for tests and latency work only")
+
+
 def _library(args: argparse.Namespace) -> int:
     import json
 
@@ -277,15 +301,19 @@ def _library(args: argparse.Namespace) -> int:
         lib = Library.load(args.lib)
         lib.index.scan.pack()
         tags = sorted({t for item in lib.items for t in item.get("tags", [])})
+        untrained = lib.model.get("name") == "untrained"
         print(json.dumps({"name": lib.name, "count": len(lib), "index": lib.index.kind, "model": lib.model,
                           "root": lib.root, "tags": tags, "prescan": lib.index.scan.prescan,
-                          "cpu": instruction_set()}, indent=1))
+                          "cpu": instruction_set(),
+                          **({"warning": UNTRAINED_LIBRARY} if untrained else {})}, indent=1))
+        if untrained:
+            logging.getLogger("clap_ws").warning("%s", UNTRAINED_LIBRARY)
         return 0
-    model = model_from_args(args)
-    report = build(model, args.folder, args.out, batch=args.batch, index=args.index,
+    report = build(lambda: model_from_args(args), args.folder, args.out, batch=args.batch, index=args.index,
                    hnsw_threshold=args.hnsw_threshold, max_seconds=args.max_seconds, progress=not args.no_progress)
-    print(f"{args.out}: {report.total} items; embedded {report.embedded}, reused {report.reused}, "
-          f"resumed {report.resumed}, dropped {report.dropped}, skipped {len(report.skipped)}")
+    print(f"{args.out}: {report.total} items; embedded {report.embedded}, reused {report.reused} "
+          f"({report.renamed} renamed or copied), resumed {report.resumed}, dropped {report.dropped}, "
+          f"skipped {len(report.skipped)}")
     for path, reason in report.skipped:
         print(f"  skipped {path}: {reason}")
     return 0
@@ -293,8 +321,12 @@ def _library(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+    if args.log_level != "DEBUG":  # websockets logs two lines per connection: noise for an operator
+        logging.getLogger("clap_ws.connections").setLevel(logging.WARNING)
     log = logging.getLogger("clap_ws")
     try:
         if args.command == "download":

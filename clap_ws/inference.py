@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constants import EMBED_DIM
+from .metrics import Metrics
 from .model.clap import ClapModel
 from .similarity import unit
 
@@ -52,8 +53,9 @@ class Result:
 class Inference:
     """Batch handler: ``list[AudioJob | TextJob] -> list[Result | Exception]``."""
 
-    def __init__(self, model: ClapModel):
+    def __init__(self, model: ClapModel, metrics: Metrics | None = None):
         self.model = model
+        self.metrics = metrics
         self.text_calls = 0  # batches whose texts went through the model (in calls of up to 64 texts)
         self.audio_windows = 0  # 10-s windows that went through the model
 
@@ -73,6 +75,10 @@ class Inference:
         jobs only.
         """
         started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(jobs))
+            for job in jobs:
+                self.metrics.queue_seconds.observe(max(0.0, started - job.enqueued))
         ready: dict[int, Result | Exception] = self._texts(jobs)
         audio = [(i, job) for i, job in enumerate(jobs) if isinstance(job, AudioJob)]
         clips = [clip for _, job in audio for clip in job.clips]
@@ -97,6 +103,8 @@ class Inference:
         while following < len(jobs):
             yield ready.pop(following)
             following += 1
+        if self.metrics is not None:
+            self.metrics.model_seconds.observe(time.perf_counter() - started)
 
     def _texts(self, jobs: Sequence[AudioJob | TextJob]) -> dict[int, Result | Exception]:
         """The results of the text jobs, by job index: one model call for all their texts."""

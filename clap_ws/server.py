@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
@@ -48,12 +49,18 @@ from websockets.protocol import State
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
 from .http import HttpApi, error_response
+from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .model.clap import ClapModel
 from .projection import Projection
 from .protocol import (
+    ArchiveRequest,
     ConnectionDefaults,
+    EmbedRequest,
     InfoRequest,
     LibrariesRequest,
+    ProjectionRequest,
+    SearchRequest,
+    TextRequest,
     error_reply,
     parse_binary,
     parse_query,
@@ -95,21 +102,45 @@ class ServerConfig:
     audio_cache: int = 2048  # sound embeddings kept by content (LRU, ~2 KB each; 0: off)
     archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
     library_poll_s: float = 2.0  # how often library files are checked for a rebuild (0: never)
+    metrics_token: bool = False  # whether GET /metrics needs --token (default: open, like /health)
 
 
-async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id) -> tuple[bytes, bool]:
-    """Await a reply; any failure becomes an error reply for that request only."""
+async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id,
+                   outcome: Callable[[str], None]) -> tuple[bytes, bool]:
+    """Await a reply; any failure becomes an error reply for that request only. ``outcome`` hears "ok" or
+    the error code (not a request whose client left)."""
     try:
-        return await work
+        reply = await work
+        outcome("ok")
+        return reply
     except ClapError as exc:
+        outcome(ErrorCode(exc.code).value)
         return error_reply(exc, request_id), True
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         _log.exception("request failed")
+        outcome(ErrorCode.INTERNAL.value)
         return error_reply(ClapError(f"internal error: {exc}"), request_id), True
 
 
+def op_name(request) -> str:
+    """The op a request is counted under in metrics."""
+    match request:
+        case EmbedRequest():
+            return "embed_batch" if request.batch else "embed"
+        case TextRequest():
+            return "embed_text"
+        case SearchRequest():
+            return "search"
+        case ArchiveRequest() | ProjectionRequest():
+            return request.op
+        case LibrariesRequest():
+            return "libraries"
+    return "info"
+
+
+ERROR_LOG_S = 10.0  # at most one info line per this many seconds summing up error replies
 ACCEPT_LOG_S = 10.0  # at most one log line per this many seconds about failed accepts
 FD_RESERVE = 64  # descriptors kept for files, the model's libraries, logs and the listening sockets
 
@@ -189,7 +220,10 @@ class ClapServer:
         )
         self.batcher = self.service.batcher
         self.http = HttpApi(self.service, self.info)
+        self.service.metrics.observe_state(self._metrics_state)
         self.recent = RecentRequests()
+        self._errors: dict[str, int] = {}  # error replies by code since the last summary line
+        self._errors_logged = float("-inf")
         self.started = time.time()
         self._server: Server | None = None
         self._pending: dict[ServerConnection, asyncio.Queue] = {}
@@ -224,6 +258,7 @@ class ClapServer:
             process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
+            logger=logging.getLogger("clap_ws.connections"),  # websockets' per-connection lines (quiet by default)
         )
         self.port = self._server.sockets[0].getsockname()[1]  # the real one when port=0
         self._watchdog = asyncio.create_task(self._watch_worker())
@@ -399,12 +434,17 @@ class ClapServer:
             refused = ClapError(f"{request.method} is not served here; every route is a GET",
                                 code=ErrorCode.BAD_REQUEST)
             return error_response(refused, [("Allow", "GET")], status=HTTPStatus.METHOD_NOT_ALLOWED)
+        if path == "/metrics" and not (self.config.metrics_token and self.config.token):
+            return self._metrics()
         if not self._origin_allowed(request):
+            self.service.metrics.rejected.labels("forbidden_origin").inc()
             if upgrade:
                 return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not connect (see --allowed-origin)\n")
             return error_response(ClapError("this Origin may not read from this server (see --allowed-origin)",
                                             code=ErrorCode.FORBIDDEN))
-        if self.config.token and (upgrade or HttpApi.is_api(path)) and not self._authorized(request):
+        if self.config.token and (upgrade or HttpApi.is_api(path) or path == "/metrics") \
+                and not self._authorized(request):
+            self.service.metrics.rejected.labels("unauthorized").inc()
             if upgrade:
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
             else:
@@ -412,12 +452,36 @@ class ClapServer:
                                                     "?token=TOKEN", code=ErrorCode.UNAUTHORIZED))
             response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'
             return response
+        if path == "/metrics":
+            return self._metrics()
         if upgrade or path in ("/clap", DESCRIPTOR_PATH):
             return None  # the handshake (or, without Upgrade, websockets' own 426 Upgrade Required)
         origin = request.headers.get("Origin")
         cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] \
             if origin and origin in self.config.allowed_origins else []
         return await self.http.respond(request, cors)
+
+    def _metrics(self) -> Response:
+        payload = self.service.metrics.exposition()
+        headers = Headers([("Content-Type", METRICS_TYPE), ("Content-Length", str(len(payload))),
+                           ("Connection", "close")])
+        return Response(200, "OK", headers, payload)
+
+    def _metrics_state(self) -> dict:
+        service = self.service
+        model = self.model.describe()
+        return {
+            "batches": self.batcher.batches, "dropped": self.batcher.dropped, "worker_restarts": self.worker_restarts,
+            "audio_windows": service.inference.audio_windows, "text_cache": service.text_cache.describe(),
+            "audio_cache": service.audio_cache.describe(), "queue_depth": self.batcher.depth,
+            "queue_load": self.batcher.load, "connections": len(self._pending), "worker_alive": self.batcher.alive,
+            "projection_version": service.descriptors.version,
+            "libraries": {name: len(lib) for name, lib in service.libraries.items()},
+            "archives": service.archives.sizes(),
+            "info": {"version": __version__, "model": model["model"],
+                     "checkpoint_sha256": model["checkpoint_sha256"] or "", "device": model["device"],
+                     "precision": model["precision"], "engine": model["engine"]},
+        }
 
     def _health(self) -> Response:
         alive = self.batcher.alive and not self._draining
@@ -442,6 +506,7 @@ class ClapServer:
             await ws.close(4404, "unknown path")
             return
         if len(self._pending) >= self.max_connections:
+            self.service.metrics.rejected.labels("too_many_connections").inc()
             await ws.close(1013, "too many connections; try again later")
             return
         defaults = parse_query(url.query, self.config.sample_rate)
@@ -502,6 +567,7 @@ class ClapServer:
         """
         received = time.perf_counter()
         request_id = None
+        op = "invalid"  # until the message parses
         try:
             if self._draining:
                 raise ShuttingDown("the server is shutting down; reconnect to another server")
@@ -510,17 +576,37 @@ class ClapServer:
                                                       self.config.max_items)
             else:
                 request = parse_binary(message, defaults)
-            request_id = request.id
+            request_id, op = request.id, op_name(request)
             work = await self.service.dispatch(request, received, descriptor, self._server_info, client=client)
-            reply = asyncio.ensure_future(_guarded(work, request_id))
+            reply = asyncio.ensure_future(_guarded(work, request_id, partial(self._counted, op, received)))
             if not isinstance(request, InfoRequest | LibrariesRequest):  # a page polling info is not load
                 reply.add_done_callback(lambda _: self.recent.add(time.perf_counter() - received))
             return reply
         except ClapError as exc:
+            self._counted(op, received, ErrorCode(exc.code).value)
             return done((error_reply(exc, request_id), True))
         except Exception:
             _log.exception("unexpected error handling a message")
+            self._counted(op, received, ErrorCode.INTERNAL.value)
             return done((error_reply(ClapError("internal server error"), request_id), True))
+
+    def _counted(self, op: str, received: float, outcome: str) -> None:
+        """Count an answered request; error replies are logged at debug, and summed up at info once per
+        ``ERROR_LOG_S`` (a client looping on a bad request must not flood the log)."""
+        metrics = self.service.metrics
+        metrics.requests.labels(op, outcome).inc()
+        metrics.request_seconds.labels(op).observe(time.perf_counter() - received)
+        if outcome == "ok":
+            return
+        if outcome == ErrorCode.BUSY.value:
+            metrics.rejected.labels("busy").inc()
+        _log.debug("%s answered with error %s", op, outcome)
+        self._errors[outcome] = self._errors.get(outcome, 0) + 1
+        now = time.monotonic()
+        if now - self._errors_logged >= ERROR_LOG_S:
+            summary = ", ".join(f"{code} {n}" for code, n in sorted(self._errors.items()))
+            _log.info("error replies since the last such line: %s", summary)
+            self._errors, self._errors_logged = {}, now
 
 
 async def serve_until_signalled(model: ClapModel, config: ServerConfig, **parts) -> None:

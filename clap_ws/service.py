@@ -34,10 +34,12 @@ import numpy as np
 
 from .audio import AudioSpec, load, windows
 from .batching import MicroBatcher
+from .constants import SAMPLE_RATE
 from .cpu import instruction_set
 from .descriptors import HOW, Descriptors
 from .errors import ClapError, ErrorCode
 from .inference import AudioJob, Inference, TextJob
+from .metrics import Metrics
 from .model.clap import ClapModel, model_identity
 from .projection import Projection
 from .protocol import (
@@ -81,7 +83,8 @@ class Service:
                  text_cache: int = 4096, audio_cache: int = 2048):
         self.model = model
         self.max_seconds = max_seconds
-        self.inference = Inference(model)
+        self.metrics = Metrics()
+        self.inference = Inference(model, self.metrics)
         self.batcher = MicroBatcher(
             self.inference.stream, max_batch=max_batch, max_wait_ms=max_wait_ms,
             max_queue=max_queue, on_start=model.warm_up if warm_up else None,
@@ -154,8 +157,10 @@ class Service:
         """
         match request:
             case EmbedRequest():
+                self.metrics.items.labels("audio").inc(len(request.buffers))
                 return await self._embed(request, received, descriptor, client)
             case TextRequest():
+                self.metrics.items.labels("text").inc(len(request.texts))
                 return self._embed_text(request, received, client)
             case SearchRequest():
                 return await self._search(request, client)
@@ -308,7 +313,9 @@ class Service:
         for i, data in buffers:
             notes: list[str] = []
             try:
-                out.append((windows(load(data, spec, self.max_seconds, notes), spec.long_clip), notes))
+                clip = load(data, spec, self.max_seconds, notes)
+                self.metrics.clip_seconds.observe(len(clip) / SAMPLE_RATE)
+                out.append((windows(clip, spec.long_clip), notes))
             except ClapError as exc:
                 if batch:
                     exc.args = (f"audio_buffers[{i}]: {exc.message}",)

@@ -212,3 +212,30 @@ def test_open_file_limit_is_raised_or_max_connections_capped(tmp_path):
         assert "Too many open files" not in server.log()
     finally:
         server.kill()
+
+
+def test_json_logs_one_line_per_event_not_per_connection(tmp_path):
+    """Operators' log: JSON lines with --log-format json; no websockets line per connection; error replies summed
+    up at info (each one only at debug)."""
+    server = Served([sys.executable, "-m", "clap_ws", "--log-format", "json", "serve", "--untrained", "--port", "0",
+                     "--no-warm-up"], offline_env(tmp_path))
+    try:
+        port = server.wait_for_port()
+
+        async def traffic():
+            for _ in range(5):  # five connections, each with a bad request
+                async with websockets.connect(f"ws://127.0.0.1:{port}/clap") as ws:
+                    await ws.send("not json")
+                    assert json.loads(await ws.recv())["error"]["code"] == "bad_json"
+
+        asyncio.run(traffic())
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    entries = [json.loads(line) for line in server.lines if line.strip()]  # every line is JSON
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    messages = [e["message"] for e in entries]
+    assert not any("connection open" in m or "connection closed" in m for m in messages)
+    assert any(m.startswith("error replies since the last such line: bad_json") for m in messages)
+    assert any("clap-ws stopped" in m for m in messages) and len(entries) < 20

@@ -270,3 +270,30 @@ async def test_library_errors(model, lib_server):
 def test_scan_is_recursive_and_filters_extensions(folder):
     names = [p.name for p in scan(folder)]
     assert "notes.txt" not in names and "kick0.wav" in names and "bell.aiff" in names and len(names) == 12
+
+
+def test_nothing_to_embed_loads_no_model_and_renamed_files_are_reused(model, tmp_path):
+    root = tmp_path / "sounds"
+    write_sounds(root)
+    out = tmp_path / "lib.npz"
+    build(model, root, out, batch=4, progress=False)
+    before = Library.load(out)
+    loads = []
+
+    def factory():
+        loads.append(1)
+        return model
+
+    again = build(factory, root, out, batch=4, progress=False)
+    assert loads == [] and again.embedded == 0 and again.reused == 9  # nothing new: the model is never loaded
+    (root / "pads" / "pad1.flac").rename(root / "drums" / "moved.flac")  # renamed: its bytes are known
+    moved = build(factory, root, out, batch=4, progress=False)
+    assert loads == [] and moved.embedded == 0 and moved.renamed == 1 and moved.dropped == 1
+    after = Library.load(out)
+    new = next(i for i, it in enumerate(after.items) if it["path"] == "drums/moved.flac")
+    old = next(i for i, it in enumerate(before.items) if it["path"] == "pads/pad1.flac")
+    assert after.items[new]["tags"] == ["drums"] and after.model == before.model
+    np.testing.assert_array_equal(after.embeddings[new], before.embeddings[old])
+    sf.write(root / "pads" / "fresh.wav", tone(500, sr=16000, seconds=1), 16000)
+    fresh = build(factory, root, out, batch=4, progress=False)
+    assert loads == [1] and fresh.embedded == 1  # a new file: now the model is loaded, once

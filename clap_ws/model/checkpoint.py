@@ -84,7 +84,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
+        raise ModelError(f"checkpoint {path} does not exist (without weights, --untrained serves random ones "
+                         "for tests and latency work)")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch's zip format, or a legacy pickle

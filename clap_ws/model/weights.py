@@ -60,7 +60,8 @@ def find_checkpoint(checkpoint: str | os.PathLike | None, cache: Path) -> Path |
         raise ModelError(
             f"checkpoint {value} not found (looked at {path} and {cache / path.name}); "
             f"fetch a published one with "
-            f"`clap-ws download {path.name if path.name in KNOWN_CHECKPOINTS else DEFAULT_CHECKPOINT}`"
+            f"`clap-ws download {path.name if path.name in KNOWN_CHECKPOINTS else DEFAULT_CHECKPOINT}`, "
+            f"or try things without weights with --untrained (random weights: tests and latency work only)"
         )
     default = cache / DEFAULT_CHECKPOINT
     return default if default.is_file() else None

@@ -98,10 +98,19 @@ def fit_pca(embeddings: np.ndarray, dims: int) -> tuple[dict[str, np.ndarray], P
 def fit_network(embeddings: np.ndarray, train: np.ndarray, human: np.ndarray, options: FitOptions
                 ) -> dict[str, np.ndarray]:
     import torch
+    from threadpoolctl import ThreadpoolController
 
-    from ..search.scan import single_threaded
+    torch.get_num_threads()  # torch sets this thread's OpenMP default on first use (see scan.single_threaded)
+    # Tiny steps: a thread team costs 10x here, and would slow the model's worker. Only this thread, only for
+    # the fit: a caller's own thread (the CLI's, a test's) gets its setting back.
+    with ThreadpoolController().limit(limits=1, user_api="openmp"):
+        return _train(embeddings, train, human, options)
 
-    single_threaded()  # tiny steps: a thread team costs 10x here, and would slow the model's worker (scan.py)
+
+def _train(embeddings: np.ndarray, train: np.ndarray, human: np.ndarray, options: FitOptions
+           ) -> dict[str, np.ndarray]:
+    import torch
+
     torch.manual_seed(options.seed)
     widths = [embeddings.shape[1], *options.hidden, options.dims]
     layers: list[torch.nn.Module] = []

@@ -111,6 +111,10 @@ class Archives:
             raise ValueError("its ids do not match its embeddings")
         return Archive(path.stem, arrays["embeddings"], meta["ids"], meta.get("created"))
 
+    def sizes(self) -> dict[str, int]:
+        """Items per archive (read from another thread: a snapshot of the dict, sizes as they are)."""
+        return {name: len(archive) for name, archive in list(self._archives.items())}
+
     def names(self) -> list[str]:
         return sorted(self._archives)
 
