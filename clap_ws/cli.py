@@ -94,12 +94,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="load checkpoints holding non-tensor objects (runs pickle code: trusted files only)")
 
 
+def model_options(args: argparse.Namespace) -> dict:
+    """The model options as :func:`~clap_ws.model.weights.load_model` takes them (also sent to Ray workers)."""
+    return {"checkpoint": args.checkpoint, "untrained": args.untrained, "seed": args.seed,
+            "audio_model": args.audio_model, "device": args.device, "precision": args.precision, "chunk": args.chunk,
+            "compile": args.compile, "engine": args.engine, "cache": args.cache_dir,
+            "tokenizer_dir": args.tokenizer, "allow_pickle": args.allow_pickle}
+
+
 def model_from_args(args: argparse.Namespace, download_missing: bool = False):
-    return load_model(args.checkpoint, untrained=args.untrained, seed=args.seed, audio_model=args.audio_model,
-                      device=args.device, precision=args.precision, chunk=args.chunk, compile=args.compile,
-                      engine=args.engine, cache=args.cache_dir,
-                      tokenizer_dir=args.tokenizer, allow_pickle=args.allow_pickle,
-                      download_missing=download_missing)
+    return load_model(**model_options(args), download_missing=download_missing)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip files longer than this, in seconds (default %(default)s: a folder's recordings, "
                             "not one client's clip as with serve --max-seconds)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                       help="embed on a Ray cluster (pip install 'clap-ws[ray]'): no ADDRESS joins $RAY_ADDRESS or "
+                            "starts a local one; ray://HOST:10001 reaches a remote head. Files are read by path on "
+                            "the workers (shared storage) unless --ray-send-bytes")
+    build.add_argument("--workers", type=int, default=2, help="Ray actors, each with one model (default 2)")
+    build.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray actor (default 0: CPU)")
+    build.add_argument("--ray-send-bytes", action="store_true",
+                       help="the driver reads each file and sends its bytes (no shared storage needed)")
     add_model_options(build)
     show = lib_sub.add_parser("info", help="print a library's summary as JSON")
     show.add_argument("lib", metavar="LIB")
@@ -309,8 +321,16 @@ def _library(args: argparse.Namespace) -> int:
         if untrained:
             logging.getLogger("clap_ws").warning("%s", UNTRAINED_LIBRARY)
         return 0
+    embedder = None
+    if args.ray is not None:
+        from .ray_build import RayEmbedder
+
+        embedder = RayEmbedder(model_options(args), args.max_seconds, workers=args.workers,
+                               address=None if args.ray == "auto" else args.ray, gpus=args.ray_gpus,
+                               send_bytes=args.ray_send_bytes)
     report = build(lambda: model_from_args(args), args.folder, args.out, batch=args.batch, index=args.index,
-                   hnsw_threshold=args.hnsw_threshold, max_seconds=args.max_seconds, progress=not args.no_progress)
+                   hnsw_threshold=args.hnsw_threshold, max_seconds=args.max_seconds, progress=not args.no_progress,
+                   embedder=embedder)
     print(f"{args.out}: {report.total} items; embedded {report.embedded}, reused {report.reused} "
           f"({report.renamed} renamed or copied), resumed {report.resumed}, dropped {report.dropped}, "
           f"skipped {len(report.skipped)}")

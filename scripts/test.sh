@@ -15,7 +15,7 @@ venv="$(cd "$venv" && pwd)"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -m pip install --quiet -e ".[test,lint,engines,eval]"
+"$py" -m pip install --quiet -e ".[test,lint,engines,eval,ray]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the suite proves no network is needed
 
 # The search page's tests drive Debian's Chromium (Playwright, from the test extra, needs no browser download).

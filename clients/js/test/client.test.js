@@ -31,7 +31,11 @@ test("a single embed resolves to a unit Float32Array of 512", async () => {
   assert.equal(json.model, "untrained");
   assert.ok(close(json.embedding, embedding));
   assert.equal(typeof json.similarity["a tone"], "number");
-  assert.ok(json.timing.modelMs > 0);
+  assert.equal(json.cached, true); // the same sound again: from the server's audio cache, no model time
+  assert.equal(json.timing.modelMs, 0);
+  const fresh = await client.embed(tone(523, 44100, 2), { sampleRate: 44100, prompts: ["a tone"] });
+  assert.equal(fresh.cached, false);
+  assert.ok(fresh.timing.modelMs > 0);
 });
 
 test("a batch equals single requests", async () => {
@@ -52,7 +56,10 @@ test("100 requests pipelined on one connection all resolve with their own embedd
   const reference = [];
   for (const s of distinct) reference.push((await client.embed(s)).embedding);
   const started = Date.now();
-  const promises = Array.from({ length: 100 }, (_, i) => client.embed(distinct[i % 5]));
+  // Each request differs from its reference by 1e-9 in one sample: other bytes, so not a cache hit, but the same
+  // model input once quantised to 16 bits, so the same embedding.
+  const variant = (i) => { const s = distinct[i % 5].slice(); s[0] += (i + 1) * 1e-9; return s; };
+  const promises = Array.from({ length: 100 }, (_, i) => client.embed(variant(i)));
   await new Promise((r) => setTimeout(r, 20)); // all sent before the first reply can arrive
   assert.ok(client.pending >= 50, `expected many in flight, saw ${client.pending}`);
   const results = await Promise.all(promises);
