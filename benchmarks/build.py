@@ -25,7 +25,7 @@ import numpy as np
 from latency import ROOT, machine
 
 from clap_ws.build import build
-from clap_ws.search.index import VectorIndex
+from clap_ws.search.index import VectorIndex, choose_kind
 from clap_ws.search.library import Library
 from clap_ws.similarity import unit
 
@@ -40,9 +40,11 @@ def prepare(n: int, root: Path, out: Path) -> None:
         stat = path.stat()
         items.append({"path": rel, "duration": 1.0, "sample_rate": 48000, "channels": 1, "sha256": f"{i:064x}",
                       "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tags": [f"folder{i % 100:02d}"]})
+    items.sort(key=lambda item: item["path"])  # in scan order, as a build writes them
     vectors = unit(np.random.default_rng(0).standard_normal((n, 512)).astype(np.float32))
     model = {"name": "untrained", "sha256": None, "seed": 0, "architecture": "HTSAT-tiny"}
-    Library(out.name, model, items, VectorIndex(vectors, "flat"), str(root.resolve())).save(out)
+    kind = choose_kind(n)  # what a build of this size makes (HNSW from 30,000 items)
+    Library(out.name, model, items, VectorIndex(vectors, kind), str(root.resolve())).save(out)
 
 
 def ray_against_local(n: int, workers: int) -> dict:

@@ -261,10 +261,13 @@ def build(model: ClapModel | Callable[[], ClapModel], root: str | os.PathLike, o
     bar.close()
 
     items = [keep[rel][0] for rel in present if rel in keep]
-    vectors = (np.stack([keep[rel][1] for rel in present if rel in keep]) if items
-               else np.zeros((0, EMBED_DIM), np.float32))
     kind = choose_kind(len(items), index, hnsw_threshold)
-    Library(out.name, identity, items, VectorIndex(vectors, kind), str(root)).save(out)
+    unchanged = (previous is not None and items == previous.items and kind == previous.index.kind
+                 and previous.root == str(root))
+    if not unchanged:  # else the file already is this library: keep it (an HNSW index takes minutes to rebuild)
+        vectors = (np.stack([keep[rel][1] for rel in present if rel in keep]) if items
+                   else np.zeros((0, EMBED_DIM), np.float32))
+        Library(out.name, identity, items, VectorIndex(vectors, kind), str(root)).save(out)
     for chunk in journal.glob("*"):
         chunk.unlink()
     journal.rmdir()

@@ -239,3 +239,9 @@ def test_json_logs_one_line_per_event_not_per_connection(tmp_path):
     assert not any("connection open" in m or "connection closed" in m for m in messages)
     assert any(m.startswith("error replies since the last such line: bad_json") for m in messages)
     assert any("clap-ws stopped" in m for m in messages) and len(entries) < 20
+
+
+def test_a_missing_checkpoint_names_untrained_as_the_way_to_try_things(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "clap_ws", "serve", "--checkpoint", str(tmp_path / "nope.pt"),
+                             "--port", "0"], env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not found" in result.stderr and "--untrained" in result.stderr

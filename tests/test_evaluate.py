@@ -205,6 +205,7 @@ def test_build_then_evaluate_real_files_end_to_end(tmp_path):
     lib = tmp_path / "sounds.npz"
     built = cli("library", "build", str(tmp_path / "sounds"), "--out", str(lib), "--untrained", "--no-progress")
     assert built.returncode == 0, built.stderr
+    assert '"untrained" model: random weights' in built.stderr  # said at build time
     captions = tmp_path / "captions.csv"
     captions.write_text("".join(f"{k}/{k}{i}.wav,a {k.replace('_', ' ')} sound\n{k}/{k}{i}.wav,{k} number {i}\n"
                                 for k in kinds for i in range(4)))

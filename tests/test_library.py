@@ -284,8 +284,10 @@ def test_nothing_to_embed_loads_no_model_and_renamed_files_are_reused(model, tmp
         loads.append(1)
         return model
 
+    written = out.stat().st_mtime_ns
     again = build(factory, root, out, batch=4, progress=False)
     assert loads == [] and again.embedded == 0 and again.reused == 9  # nothing new: the model is never loaded
+    assert out.stat().st_mtime_ns == written  # and the file, already this library, is not rewritten
     (root / "pads" / "pad1.flac").rename(root / "drums" / "moved.flac")  # renamed: its bytes are known
     moved = build(factory, root, out, batch=4, progress=False)
     assert loads == [] and moved.embedded == 0 and moved.renamed == 1 and moved.dropped == 1
@@ -297,3 +299,16 @@ def test_nothing_to_embed_loads_no_model_and_renamed_files_are_reused(model, tmp
     sf.write(root / "pads" / "fresh.wav", tone(500, sr=16000, seconds=1), 16000)
     fresh = build(factory, root, out, batch=4, progress=False)
     assert loads == [1] and fresh.embedded == 1  # a new file: now the model is loaded, once
+
+
+def test_untrained_libraries_say_so_in_library_info(model, tmp_path, capsys):
+    import json as _json
+
+    from clap_ws import cli
+
+    root = tmp_path / "s"
+    (root / "a").mkdir(parents=True)
+    sf.write(root / "a" / "x.wav", tone(sr=16000, seconds=0.5), 16000)
+    build(model, root, tmp_path / "lib.npz", progress=False)
+    assert cli.main(["library", "info", str(tmp_path / "lib.npz")]) == 0
+    assert "untrained model (random weights)" in _json.loads(capsys.readouterr().out)["warning"]
