@@ -15,7 +15,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 from pathlib import Path
 
 import pytest
-from helpers import running_server, write_laion_checkpoint
+from helpers import running_server, write_laion_checkpoint, write_sounds
 
 from clap_ws.model import ClapModel
 from clap_ws.model.checkpoint import Architecture
@@ -59,3 +59,23 @@ async def server(model):
         yield srv
 
 
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A folder of real audio files in every supported format, nested, plus three bad ones (helpers.write_sounds).
+    Shared: tests that change files copy it first."""
+    root = tmp_path_factory.mktemp("sounds")
+    write_sounds(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def library_file(model, folder, tmp_path_factory):
+    """The library ``clap-ws library build`` makes of ``folder`` with the untrained model: 9 items."""
+    from clap_ws.build import build
+
+    out = tmp_path_factory.mktemp("lib") / "sounds.npz"
+    report = build(model, folder, out, batch=4, progress=False)
+    assert report.embedded == 9 and report.total == 9
+    return out

@@ -22,21 +22,6 @@ from clap_ws.search.library import Filters, Library
 from clap_ws.similarity import unit
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sounds")
-    write_sounds(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def library_file(model, folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lib") / "sounds.npz"
-    report = build(model, folder, out, batch=4, progress=False)
-    assert report.embedded == 9 and report.total == 9
-    return out
-
-
 def test_build_reads_every_format_and_lists_what_it_skipped(model, folder, tmp_path):
     report = build(model, folder, tmp_path / "lib.npz", batch=4, progress=False)
     assert (report.embedded, report.reused, report.dropped) == (9, 0, 0)

@@ -13,9 +13,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import running_server, write_sounds
+from helpers import running_server
 
-from clap_ws.build import build
 from clap_ws.search.library import Library
 
 CHROMIUM = os.environ.get("CLAP_WS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,20 +26,6 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not REQUIRED,
 # As this machine's probe ran it: no first-run, sync or background traffic (the network is closed anyway).
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("page-sounds")
-    write_sounds(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def library_file(model, folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("page-lib") / "sounds.npz"
-    build(model, folder, out, batch=4, progress=False)
-    return out
 
 
 @pytest.fixture

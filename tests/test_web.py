@@ -16,27 +16,13 @@ import urllib.request
 
 import pytest
 import soundfile as sf
-from helpers import ask, connect, running_server, tone, write_sounds
+from helpers import ask, connect, running_server, tone
 
 from clap_ws.build import build
 from clap_ws.errors import ErrorCode
 from clap_ws.search.library import Library
 
 PAGE_BUDGET = 300 * 1024  # the page's first load, all from the server
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("web-sounds")
-    write_sounds(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def library_file(model, folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("web-lib") / "sounds.npz"
-    assert build(model, folder, out, batch=4, progress=False).embedded == 9
-    return out
 
 
 @pytest.fixture
