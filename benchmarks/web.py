@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                     started = time.perf_counter()
                     body = http_search(port, urllib.parse.urlencode({**q, "top_k": 15}))
                     times.append(time.perf_counter() - started)
-                    assert body["count"] == 15
+                    assert body["count"] == min(15, args.items // 100 if "tags" in q else 15)
                 rows.append({"path": "HTTP /api/search", "case": name, **summary(times)})
                 messages = [{"op": "search", "top_k": 15, "text": q["text"] + (" ws" if name == "new text" else ""),
                              **({"tags": [q["tags"]]} if "tags" in q else {})} for q in queries]
