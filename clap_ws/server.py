@@ -31,7 +31,6 @@ import hmac
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -185,22 +184,34 @@ class _Held:
 
 
 class RecentRequests:
-    """End-to-end times of the requests finished in the last ``window`` seconds (for ``info``'s live figures)."""
+    """Requests per second and p50/p95 end-to-end time over the last ``window`` seconds (for ``info`` and the
+    page's panel), in fixed numpy buffers: no Python object per request (the soak test counts them)."""
 
-    def __init__(self, window: float = 60.0, limit: int = 200_000):
+    def __init__(self, window: int = 60, samples: int = 4096):
         self.window = window
-        self._times: deque[tuple[float, float]] = deque(maxlen=limit)
+        self._times = np.full(samples, -np.inf)  # a ring of the latest samples (their clock, their seconds)
+        self._values = np.zeros(samples)
+        self._next = 0
+        self._counts = np.zeros(window, np.int64)  # requests per whole second, by second modulo window
+        self._stamps = np.full(window, -1, np.int64)
 
     def add(self, seconds: float) -> None:
-        self._times.append((time.monotonic(), seconds))
+        now = time.monotonic()
+        slot = self._next % len(self._times)
+        self._times[slot], self._values[slot] = now, seconds
+        self._next += 1
+        second = int(now)
+        bucket = second % self.window
+        if self._stamps[bucket] != second:
+            self._stamps[bucket], self._counts[bucket] = second, 0
+        self._counts[bucket] += 1
 
     def describe(self) -> dict:
-        since = time.monotonic() - self.window
-        while self._times and self._times[0][0] < since:
-            self._times.popleft()
-        times = np.array([s for _, s in self._times]) * 1000
-        p50, p95 = np.percentile(times, [50, 95]).tolist() if len(times) else (None, None)
-        return {"window_s": self.window, "requests": len(times), "per_s": round(len(times) / self.window, 3),
+        now = time.monotonic()
+        requests = int(self._counts[self._stamps > int(now) - self.window].sum())
+        recent = self._values[self._times > now - self.window] * 1000
+        p50, p95 = np.percentile(recent, [50, 95]).tolist() if len(recent) else (None, None)
+        return {"window_s": self.window, "requests": requests, "per_s": round(requests / self.window, 3),
                 "p50_ms": p50, "p95_ms": p95}
 
 
