@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import signal
 import time
@@ -121,6 +122,12 @@ async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id,
         _log.exception("request failed")
         outcome(ErrorCode.INTERNAL.value)
         return error_reply(ClapError(f"internal error: {exc}"), request_id), True
+
+
+def _close_if_cancelled(work, reply: asyncio.Future) -> None:
+    """Close the reply's coroutine when the reply was cancelled before it ran, as Python warns otherwise."""
+    if reply.cancelled():
+        work.close()
 
 
 def op_name(request) -> str:
@@ -590,6 +597,8 @@ class ClapServer:
             request_id, op = request.id, op_name(request)
             work = await self.service.dispatch(request, received, descriptor, self._server_info, client=client)
             reply = asyncio.ensure_future(_guarded(work, request_id, partial(self._counted, op, received)))
+            if inspect.iscoroutine(work):  # a reply cancelled before it started (its client left) never ran it
+                reply.add_done_callback(partial(_close_if_cancelled, work))
             if not isinstance(request, InfoRequest | LibrariesRequest):  # a page polling info is not load
                 reply.add_done_callback(lambda _: self.recent.add(time.perf_counter() - received))
             return reply
