@@ -114,7 +114,7 @@ def parse_params(model: type[BaseModel], query: str) -> Any:
 
 
 def json_response(body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
-    return _response(status, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers)
+    return response(status, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), "application/json", headers)
 
 
 def error_response(error: ClapError, headers: list[tuple[str, str]] | None = None,
@@ -123,10 +123,10 @@ def error_response(error: ClapError, headers: list[tuple[str, str]] | None = Non
     extra = list(headers or [])
     if status == 503:
         extra.append(("Retry-After", "1"))
-    return _response(status, error_reply(error), "application/json", extra)
+    return response(status, error_reply(error), "application/json", extra)
 
 
-def _response(status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] | None = None) -> Response:
+def response(status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] | None = None) -> Response:
     all_headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
                            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
                            ("Connection", "close"), *(headers or [])])
@@ -238,7 +238,7 @@ class HttpApi:
         if name not in STATIC:
             raise ClapError(f"no static file {name!r}", code=ErrorCode.NOT_FOUND)
         headers = [("Content-Security-Policy", CSP), ("Referrer-Policy", "no-referrer")] if page else []
-        return _response(200, static_file(name), STATIC[name], headers)
+        return response(200, static_file(name), STATIC[name], headers)
 
     async def _search(self, query: str) -> Response:
         params: SearchParams = parse_params(SearchParams, query)
@@ -286,13 +286,13 @@ class HttpApi:
         try:
             byte_range = parse_range(range_header, size)
         except ValueError:
-            return _response(416, b"", content_type, [("Content-Range", f"bytes */{size}")])
+            return response(416, b"", content_type, [("Content-Range", f"bytes */{size}")])
         body = await asyncio.to_thread(read_bytes, path, byte_range)
         headers = [("Accept-Ranges", "bytes"), ("Content-Disposition", f'inline; filename="{_ascii(path.name)}"')]
         if byte_range is None:
-            return _response(200, body, content_type, headers)
+            return response(200, body, content_type, headers)
         headers.append(("Content-Range", f"bytes {byte_range.start}-{byte_range.stop - 1}/{size}"))
-        return _response(206, body, content_type, headers)
+        return response(206, body, content_type, headers)
 
     async def _waveform(self, library: str, item: int) -> Response:
         path = self._file(library, item)

@@ -39,16 +39,14 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
-import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 from websockets.protocol import State
 
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
-from .http import HttpApi, error_response
+from .http import HttpApi, error_response, json_response, response
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .model.clap import ClapModel
 from .projection import Projection
@@ -480,10 +478,7 @@ class ClapServer:
         return await self.http.respond(request, cors)
 
     def _metrics(self) -> Response:
-        payload = self.service.metrics.exposition()
-        headers = Headers([("Content-Type", METRICS_TYPE), ("Content-Length", str(len(payload))),
-                           ("Connection", "close")])
-        return Response(200, "OK", headers, payload)
+        return response(200, self.service.metrics.exposition(), METRICS_TYPE)
 
     def _metrics_state(self) -> dict:
         service = self.service
@@ -506,11 +501,7 @@ class ClapServer:
         body = {"status": "ok" if alive else ("draining" if self._draining else "worker_dead"),
                 "model": self.model.identity.name, "queue_depth": self.batcher.depth,
                 "batches": self.batcher.batches, "items": self.batcher.items}
-        status = HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE
-        payload = orjson.dumps(body)
-        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                           ("Connection", "close")])
-        return Response(status.value, status.phrase, headers, payload)
+        return json_response(body, HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
 
     # ---- connections ------------------------------------------------------------
     async def _connection(self, ws: ServerConnection) -> None:
