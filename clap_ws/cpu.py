@@ -17,10 +17,13 @@ import os
 import platform
 from pathlib import Path
 
-# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA), least capable first, and the features each adds.
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA), least capable first. Each allows the features of the ones before it,
+# except that AVX-VNNI (the 256-bit form) is not part of the AVX-512 ISAs below AVX512_CORE_FP16: oneDNN's
+# avx512_core, avx512_core_vnni and avx512_core_bf16 leave it out, so a cap at one of those hides it.
 _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
                 "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
                 "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+_WITHOUT_AVX_VNNI = ("AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16")
 _FEATURES = (  # (label, /proc/cpuinfo flag, the least oneDNN ISA that uses it)
     ("AVX2", "avx2", "AVX2"),
     ("AVX-VNNI", "avx_vnni", "AVX2_VNNI"),
@@ -44,10 +47,12 @@ def cpu_flags() -> set[str]:
 
 
 def _allowed(isa: str) -> bool:
-    """Whether ``ONEDNN_MAX_CPU_ISA`` (if set) lets oneDNN use ``isa``."""
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (if set) lets oneDNN use ``isa`` (one of :data:`_FEATURES`' ISAs)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     if cap in ("", "ALL", "DEFAULT") or cap not in _ONEDNN_ISAS:
         return True
+    if isa == "AVX2_VNNI" and cap in _WITHOUT_AVX_VNNI:
+        return False
     return _ONEDNN_ISAS.index(isa) <= _ONEDNN_ISAS.index(cap)
 
 

@@ -523,7 +523,27 @@ class ClapServer:
         self._pending[ws] = pending
         held = _Held(int(self.config.max_pending_mb * MiB))
         self._held[ws] = held
+        reader = asyncio.create_task(self._read(ws, pending, held, defaults, descriptor))
         writer = asyncio.create_task(self._write(ws, pending, held))
+        closed = asyncio.create_task(ws.wait_closed())
+        try:  # whichever ends first ends the rest: a dropped client's reader may be waiting on a full pipeline
+            await asyncio.wait((reader, writer, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, writer, closed):
+                task.cancel()
+            del self._pending[ws]
+            self._held.pop(ws, None)
+            while not pending.empty():  # the client left with work queued: drop it
+                pending.get_nowait().cancel()
+                pending.task_done()
+            await asyncio.wait((reader, writer, closed))
+        failure = None if reader.cancelled() else reader.exception()
+        if failure is not None:
+            raise failure  # a bug in the reader: websockets logs it and closes the connection
+
+    async def _read(self, ws: ServerConnection, pending: asyncio.Queue, held: _Held, defaults: ConnectionDefaults,
+                    descriptor: bool) -> None:
+        """Take messages, queue their work and their replies' places in order, until the client closes."""
         try:
             async for message in ws:
                 await held.room.wait()  # a client that takes no replies gets no more work done: bounded in bytes
@@ -533,13 +553,6 @@ class ClapServer:
                 await pending.put(reply)
         except ConnectionClosed:
             pass
-        finally:
-            del self._pending[ws]
-            self._held.pop(ws, None)
-            writer.cancel()
-            while not pending.empty():  # the client left with work queued: drop it
-                pending.get_nowait().cancel()
-                pending.task_done()
 
     async def _write(self, ws: ServerConnection, pending: asyncio.Queue, held: _Held) -> None:
         """Send replies in order. A client that takes none for ``ping_timeout`` seconds is dropped: keepalive

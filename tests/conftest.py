@@ -21,6 +21,18 @@ from clap_ws.model import ClapModel
 from clap_ws.model.checkpoint import Architecture
 
 
+def pytest_report_header(config):
+    """The CPU class this run's kernels see (``ONEDNN_MAX_CPU_ISA`` included): every figure and failure names it."""
+    import torch
+
+    from clap_ws import cpu
+    from clap_ws.model import resolve_precision
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "none")
+    return [f"cpu class: {cpu.instruction_set()} (ONEDNN_MAX_CPU_ISA={cap}; precision auto = "
+            f"{resolve_precision('auto', torch.device('cpu'))}; {cpu.describe()})"]
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-soak", action="store_true", help="also run the long all-audio soak (minutes)")
 

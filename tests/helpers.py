@@ -22,6 +22,7 @@ import soundfile as sf
 import torch
 import websockets
 
+from clap_ws import tolerance
 from clap_ws.model import ClapModel
 from clap_ws.server import ClapServer, ServerConfig
 
@@ -67,6 +68,36 @@ def write_sounds(root, n_kicks=3, n_pads=3):
 def cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---- the tolerance policy (clap_ws.tolerance, docs/precision.md) ----------------------
+def assert_same_embeddings(a, b, precision: str) -> None:
+    """``a`` and ``b`` embed the same inputs in ``precision``, possibly in different batches: strict in fp32,
+    within the measured bf16 bound otherwise. Not for repeats served by the audio cache, which are bit-equal."""
+    max_abs, min_cos = tolerance.bounds(precision)
+    worst_abs, worst_cos = tolerance.disagreement(a, b)
+    assert worst_abs <= max_abs and worst_cos >= min_cos, \
+        f"{precision}: max abs {worst_abs:.3g} (bound {max_abs:.3g}), min cosine {worst_cos:.7f} (bound {min_cos})"
+
+
+def score_tolerance(precision: str) -> float:
+    """How far a search score may move when one of its two unit embeddings comes from another batch:
+    ``|q.(x - y)| <= |x - y| = sqrt(2 (1 - cos))`` at the precision's cosine bound, plus float32 rounding."""
+    max_abs, min_cos = tolerance.bounds(precision)
+    return min(max_abs * np.sqrt(tolerance.EMBED_DIM), float(np.sqrt(2 * (1 - min_cos)))) + tolerance.FLOAT32_DOT_TOL
+
+
+def assert_ranked(ids, scores, truth, k: int, tol: float = tolerance.FLOAT32_DOT_TOL) -> None:
+    """``ids`` with ``scores`` are a correct top ``k`` of ``truth`` (every candidate's true score, by id):
+    each score is its id's within ``tol``, the order and the set are the true ones except among ties (true
+    scores within ``2 tol`` of each other may come in either order; that is float32's rounding, not a bug)."""
+    ids, scores, truth = list(np.ravel(ids)), np.ravel(scores), {int(i): float(s) for i, s in truth.items()}
+    assert len(ids) == min(k, len(truth)) and len(set(ids)) == len(ids), ids
+    true = np.array([truth[int(i)] for i in ids])
+    assert np.all(np.abs(scores - true) <= tol), (scores, true)  # each score belongs to its id
+    assert np.all(np.diff(true) <= 2 * tol), true  # in order, up to ties
+    left = [s for i, s in truth.items() if i not in set(map(int, ids))]
+    assert not left or not len(true) or max(left) <= true.min() + 2 * tol  # nothing better left out
 
 
 # ---- checkpoints in laion-clap's own format --------------------------------

@@ -134,6 +134,7 @@ def test_text_without_tokenizer_is_a_clear_error_and_audio_still_works(tiny):
     assert ex.extract_embedding(tone(seconds=1)).shape == (512,)
 
 
+@pytest.mark.cpu_class
 @pytest.mark.slow
 def test_parity_with_laion_clap(tmp_path, tiny_checkpoint):
     """fp32, same weights, same 48 kHz clips: laion-clap's own embedding (cosine >= 0.99999)."""
@@ -171,6 +172,7 @@ def assert_embeddings_close(model: ClapModel, reference: ClapModel) -> None:
         assert cosine(x, y) >= 0.999
 
 
+@pytest.mark.cpu_class
 def test_bf16_stays_close_to_fp32(model, fp32_model):
     if model.precision != "bf16":
         pytest.skip("this CPU has no native bf16, so auto precision is fp32")
@@ -224,6 +226,7 @@ def laion_swin_forwards(branch):
 
 @pytest.mark.parametrize("architecture", [Architecture("HTSAT-tiny"), Architecture("HTSAT-tiny", "aff_2d")],
                          ids=["plain", "fusion"])
+@pytest.mark.cpu_class
 def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights(architecture):
     """clap_ws.model.swin against laion-clap's forwards on the same network: a call of 4 windows (shift masks
     repeated per clip), 1 window, and again after the attention biases change in place."""
@@ -257,6 +260,7 @@ def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights(architect
     assert min(cosine(a, b) for a, b in zip(before, after)) < 0.9999
 
 
+@pytest.mark.cpu_class
 def test_roberta_serving_forward_matches_transformers(model):
     """clap_ws.model.roberta against transformers' own RobertaModel forward on the same weights (the served
     precision; one text, and texts of different lengths padded together); other modules are left alone."""
@@ -316,6 +320,7 @@ def test_chunk_sizes_are_powers_of_two_within_the_chunk(count, chunk):
     assert len(sizes) <= count // (1 << (chunk.bit_length() - 1)) + chunk.bit_length()
 
 
+@pytest.mark.cpu_class
 def test_chunked_windows_match_one_at_a_time(fp32_model):
     windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=1), tone(seconds=10), noise(seconds=10, seed=2),
                         tone(seconds=10, freq=880), chirp(seconds=10) * 0.1, noise(seconds=10, seed=3)])

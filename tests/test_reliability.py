@@ -729,3 +729,38 @@ def test_a_client_holding_too_many_unread_reply_bytes_is_not_read_from(model):
             assert srv.server.batcher.items == served + 1  # only the other client's request ran
         finally:
             client.close()
+
+
+def test_a_dropped_client_blocked_on_a_full_pipeline_ends_and_its_queued_work_is_cancelled(model):
+    """The issue's non-reader: 80 embed_text requests of 256 texts, never read. The first 16 are cached (big replies
+    at once, so the server's send blocks), the rest are new texts (work for the model). Once the write deadline
+    drops the client, its handler ends, though its reader was waiting for room in the full pipeline, and the
+    work it had queued never reaches the model."""
+    with threaded(model, ping_interval=2, ping_timeout=3, max_pipeline=32) as srv:
+        cached = [f"a bell {j}" for j in range(256)]
+        with sync_connect(srv.url, max_size=None) as ws:
+            ws.send(json.dumps({"op": "embed_text", "texts": cached}))
+            assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+        client = RawClient(srv.port)
+        messages = [json.dumps({"op": "embed_text", "id": i, "texts": cached if i < 16 else
+                                [f"sound {i} take {j}" for j in range(256)]}) for i in range(80)]
+        sender = threading.Thread(target=lambda: [client.send_text(m) for m in messages], daemon=True)
+        sender.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not srv.server._pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            while srv.server._pending and time.monotonic() < deadline:
+                time.sleep(0.1)
+            gone = time.monotonic()
+            assert not srv.server._pending, "the dropped client's handler never ended"
+            assert gone - (deadline - 60) < 30
+            items = srv.server.batcher.items
+            time.sleep(2)  # nothing of its queued work runs after it left (a batch already running may finish)
+            assert srv.server.batcher.items <= items + 1
+            assert srv.call(lambda: asyncio.sleep(0, srv.server.info()))["connections"] == 0
+            with sync_connect(srv.url) as ws:  # and everyone else is served
+                ws.send(json.dumps({"op": "embed_text", "texts": ["a drum"]}))
+                assert json.loads(ws.recv(timeout=TIMEOUT))["status"] == "OK"
+        finally:
+            client.close()

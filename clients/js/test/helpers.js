@@ -68,3 +68,12 @@ export function cosine(a, b) {
 }
 
 export const norm = (a) => Math.sqrt(a.reduce((s, x) => s + x * x, 0));
+
+// The tolerance policy (docs/precision.md, clap_ws/tolerance.py): the same input embedded in different batches
+// is equal to 1e-6 in fp32 and within two bf16 roundings (2**-7 per component, cosine 0.9995) in bf16.
+export const BOUNDS = { fp32: { maxAbs: 1e-6, minCosine: 1 - 1e-9 }, bf16: { maxAbs: 2 ** -7, minCosine: 0.9995 } };
+
+export function sameEmbedding(a, b, precision) {
+  const { maxAbs, minCosine } = BOUNDS[precision === "fp32" ? "fp32" : "bf16"];
+  return a.every((x, i) => Math.abs(x - b[i]) <= maxAbs) && cosine(a, b) >= minCosine;
+}
