@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import logging
 import signal
 import time
@@ -66,7 +65,7 @@ from .protocol import (
 )
 from .search.archive import Archives
 from .search.library import Library
-from .service import Service, done
+from .service import Service
 
 _log = logging.getLogger(__name__)
 PATHS = ("/", "/clap")
@@ -122,10 +121,11 @@ async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id,
         return error_reply(ClapError(f"internal error: {exc}"), request_id), True
 
 
-def _close_if_cancelled(work, reply: asyncio.Future) -> None:
-    """Close the reply's coroutine when the reply was cancelled before it ran, as Python warns otherwise."""
-    if reply.cancelled():
-        work.close()
+def _settled(reply: tuple[bytes, bool]) -> asyncio.Future:
+    """A reply frame known at once (an error found before any work), in the connection's queue like the rest."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future
 
 
 def op_name(request) -> str:
@@ -601,18 +601,17 @@ class ClapServer:
             request_id, op = request.id, op_name(request)
             work = await self.service.dispatch(request, received, descriptor, self._server_info, client=client)
             reply = asyncio.ensure_future(_guarded(work, request_id, partial(self._counted, op, received)))
-            if inspect.iscoroutine(work):  # a reply cancelled before it started (its client left) never ran it
-                reply.add_done_callback(partial(_close_if_cancelled, work))
+            reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)  # its client left
             if not isinstance(request, InfoRequest | LibrariesRequest):  # a page polling info is not load
                 reply.add_done_callback(lambda _: self.recent.add(time.perf_counter() - received))
             return reply
         except ClapError as exc:
             self._counted(op, received, ErrorCode(exc.code).value)
-            return done((error_reply(exc, request_id), True))
+            return _settled((error_reply(exc, request_id), True))
         except Exception:
             _log.exception("unexpected error handling a message")
             self._counted(op, received, ErrorCode.INTERNAL.value)
-            return done((error_reply(ClapError("internal server error"), request_id), True))
+            return _settled((error_reply(ClapError("internal server error"), request_id), True))
 
     def _counted(self, op: str, received: float, outcome: str) -> None:
         """Count an answered request; error replies are logged at debug, and summed up at info once per

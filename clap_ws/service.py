@@ -142,8 +142,8 @@ class Service:
 
     # ---- dispatch ---------------------------------------------------------------------
     async def dispatch(self, request: Request, received: float, descriptor: bool = False,
-                       extra_info: Callable[[], dict] | None = None, client: Hashable = None) -> Awaitable[Reply]:
-        """Check ``request`` and queue its work; the returned awaitable yields its reply frame.
+                       extra_info: Callable[[], dict] | None = None, client: Hashable = None) -> asyncio.Task[Reply]:
+        """Check ``request`` and queue its work; the returned task yields its reply frame.
 
         Returns once the work is queued: without suspending for small
         requests, after the decode thread has prepared the audio of large
@@ -153,8 +153,14 @@ class Service:
         bad audio, no tokenizer. ``descriptor`` adds behaviour descriptors
         (``/clap-bd``); ``extra_info`` adds the server's fields to ``info``;
         ``client`` (a connection) is whose turn the model work waits for (see
-        :mod:`clap_ws.batching`).
+        :mod:`clap_ws.batching`). Cancelling the task cancels model work that
+        no other request waits for; it is always a task, so the caller never
+        has to tell a finished reply from one still to be computed.
         """
+        return asyncio.ensure_future(await self._prepare(request, received, descriptor, extra_info, client))
+
+    async def _prepare(self, request: Request, received: float, descriptor: bool,
+                       extra_info: Callable[[], dict] | None, client: Hashable) -> Awaitable[Reply]:
         match request:
             case EmbedRequest():
                 self.metrics.items.labels("audio").inc(len(request.buffers))
@@ -569,7 +575,6 @@ def _ok(op: str, body: dict, request_id: Any) -> Reply:
     return ok_reply(op, body, request_id), True
 
 
-def done(reply: Reply) -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(reply)
-    return future
+async def done(reply: Reply) -> Reply:
+    """A reply known at once, as an awaitable like the others."""
+    return reply

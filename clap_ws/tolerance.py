@@ -1,13 +1,12 @@
 """How close two results must be to count as the same: one policy for tests, engines and docs.
 
-fp32 is batch-invariant on every CPU class measured, so fp32 results are
+fp32 is batch-invariant on every CPU class tried, so fp32 results are
 compared strictly. bf16 is not: on AMX oneDNN picks different kernels for
-different batch sizes (the same sound alone and in a batch of 8: 1.02e-3 max
-abs), and on every CPU a text's padding follows the longest text of its batch
-(2.6e-3 max abs, cosine 0.99989 on AVX-512-BF16). The bf16 bound is two bf16
-roundings (``2**-7``; the unit roundoff of an 8-bit significand is ``2**-8``)
-of a unit vector's components, and a cosine of 0.9995: 3x and 4.5x the worst
-measured (``docs/precision.md``).
+different batch sizes, and on every CPU a text's padding follows the longest
+text of its batch. The bf16 bound is two bf16 roundings (``2**-7``; an 8-bit
+significand's unit roundoff is ``2**-8``) of a unit vector's components, and a
+cosine a few times below the worst seen (figures and CPUs:
+``docs/precision.md``).
 
 Exact search is held to float32 arithmetic, whose summation order is the
 BLAS's choice: two scores within :data:`FLOAT32_DOT_TOL` are a tie and may come
@@ -21,8 +20,8 @@ import numpy as np
 from .constants import EMBED_DIM
 
 FP32_MAX_ABS = 1e-6  # float32 results from the same input: batch-invariant, so only last-bit noise
-BF16_MAX_ABS = 2.0**-7  # two bf16 roundings of a component of a unit vector (7.8e-3; measured at most 2.6e-3)
-BF16_MIN_COSINE = 0.9995  # (measured at least 0.99989: texts padded differently; sounds on AMX 0.999991)
+BF16_MAX_ABS = 2.0**-7  # two bf16 roundings of a component of a unit vector
+BF16_MIN_COSINE = 0.9995
 # |fl(q.x) - q.x| <= n u sum|q_i x_i| <= n u for unit vectors, whatever the order of summation
 FLOAT32_DOT_TOL = EMBED_DIM * 2.0**-24
 

@@ -30,9 +30,12 @@ def test_any_rate_in_range_is_resampled_to_48k(rate):
 
 def test_48k_input_is_not_resampled_or_copied():
     x = noise(seconds=1)
-    data = x.tobytes()
+    data = bytearray(x.tobytes())
     out = load(data, AudioSpec(), 60)
     assert np.array_equal(out, x)
+    assert np.shares_memory(out, np.frombuffer(data, np.float32))  # a view of the frame's own bytes
+    data[:4] = np.float32(0.25).tobytes()
+    assert out[0] == np.float32(0.25)  # ... as a write into the frame shows
 
 
 def test_interleaved_channels_are_averaged():

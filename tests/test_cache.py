@@ -96,12 +96,23 @@ async def test_no_cache_means_no_cached_field_and_every_sound_runs(model):
 
 
 async def test_a_client_that_leaves_cancels_only_work_nobody_else_waits_for(model):
-    sound = b64(noise(seconds=2, seed=21))
+    """Behind a long batch, a leaving client has two sounds queued: one another client also waits for (it runs),
+    one nobody else wants (its job is cancelled and dropped before the model sees it)."""
+    shared, mine = b64(noise(seconds=2, seed=21)), b64(noise(seconds=2, seed=22))
     async with running_server(model) as server:
-        async with connect(server) as stays:
+        async with connect(server) as stays, connect(server) as busy:
+            await busy.send(json.dumps({"op": "embed_batch", "audio_buffers": [
+                b64(noise(seconds=10, seed=s)) for s in range(30, 46)]}))  # about a second of model work
+            await asyncio.sleep(0.1)
+            dropped = server.batcher.dropped
             async with connect(server) as leaves:
-                await leaves.send(json.dumps({"audio_buffer": sound}))
-                await stays.send(json.dumps({"audio_buffer": sound}))
-                await asyncio.sleep(0)  # both queued; then the first client goes
+                await leaves.send(json.dumps({"audio_buffer": shared}))
+                await leaves.send(json.dumps({"audio_buffer": mine}))
+                await stays.send(json.dumps({"audio_buffer": shared}))
+                await asyncio.sleep(0.1)  # all queued behind the batch; then the client goes
             reply = json.loads(await asyncio.wait_for(stays.recv(), 60))
-    assert reply["status"] == "OK" and len(reply["embedding"]) == 512
+            assert json.loads(await asyncio.wait_for(busy.recv(), 60))["status"] == "OK"
+            assert server.batcher.dropped == dropped + 1  # the sound only the leaver wanted never ran
+            again = await ask(stays, {"audio_buffer": mine})
+    assert reply["status"] == "OK" and len(reply["embedding"]) == 512 and reply["cached"] is False
+    assert again["cached"] is False  # it was never embedded, so it is not in the cache either

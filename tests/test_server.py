@@ -402,7 +402,7 @@ async def test_a_queued_frame_is_not_kept_once_its_windows_are_made(model):
         del frame
         gc.collect()
         assert watch() is None and service.batcher.load == 1  # queued: one window, no frame
-        reply.close()
+        reply.cancel()
     finally:
         service.close()
 
