@@ -192,9 +192,9 @@ class HttpApi:
     """Answers the page, the API and the audio routes for one server.
 
     ``service`` is the server's :class:`~clap_ws.service.Service`; ``info``
-    returns what ``/api/info`` shows; ``preview_url`` makes an item's audio
-    URL. Methods return a websockets ``Response``; the caller has already
-    applied the origin rule and the token check.
+    returns what ``/api/info`` shows. Search results carry each item's audio
+    URL (:func:`preview_url`). Methods return a websockets ``Response``; the
+    caller has already applied the origin rule and the token check.
     """
 
     def __init__(self, service, info: Callable[[], dict]):

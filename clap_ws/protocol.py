@@ -1,8 +1,9 @@
 """The wire protocol: frames in, typed requests out; results in, reply frames out.
 
 No I/O happens here. A WebSocket message is parsed and validated once, at the
-edge, into a frozen request object (:class:`EmbedRequest`,
-:class:`TextRequest`, :class:`SearchRequest`, :class:`ArchiveRequest` or
+edge, into a frozen request object (:data:`Request`: :class:`EmbedRequest`,
+:class:`TextRequest`, :class:`SearchRequest`, :class:`ArchiveRequest`,
+:class:`ProjectionRequest`, :class:`LibrariesRequest` or
 :class:`InfoRequest`); the service and the model trust it from then on. Every
 way a message can be wrong raises a :class:`~clap_ws.errors.ClapError` whose
 ``code`` is documented in PROTOCOL.md, and :func:`error_reply` renders any of

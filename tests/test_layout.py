@@ -73,3 +73,35 @@ def test_no_module_docstring_carries_a_benchmark_figure():
                 if figure.search(doc):
                     offenders.append(f"{path.relative_to(ROOT)}:{getattr(node, 'name', 'module')}")
     assert not offenders, offenders
+
+
+def test_every_name_the_architecture_page_gives_exists():
+    """docs/architecture.md names functions and methods (`module.name`, `Class.method`): each must exist."""
+    import importlib
+    import inspect
+    import pkgutil
+    import re
+
+    import clap_ws
+
+    modules = {m.name.removeprefix("clap_ws."): importlib.import_module(m.name)
+               for m in pkgutil.walk_packages(clap_ws.__path__, "clap_ws.") if not m.name.endswith("__main__")}
+    classes = {name: obj for module in modules.values() for name, obj in vars(module).items() if inspect.isclass(obj)}
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    names = [n for n in re.findall(r"`([A-Za-z_][\w.]*\.[A-Za-z_]\w*)`", text)
+             if not n.endswith((".py", ".md", ".js", ".html", ".css"))]
+    assert len(names) >= 8  # the page still names things
+
+    def exists(name: str) -> bool:
+        parts = name.split(".")
+        for split in range(len(parts) - 1, 0, -1):  # the longest module (or class) that exists, then attributes
+            obj = modules.get(".".join(parts[:split])) or (classes.get(parts[0]) if split == 1 else None)
+            if obj is not None:
+                for attr in parts[split:]:
+                    if not hasattr(obj, attr):
+                        return False
+                    obj = getattr(obj, attr)
+                return True
+        return False
+
+    assert not [n for n in names if not exists(n)]
