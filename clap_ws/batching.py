@@ -28,8 +28,8 @@ queued. Bounded by design: the queue holds at most ``max_queue`` units of
 ``cost`` (the server counts 10-s windows and texts, the work a request buys),
 and past that :meth:`submit` raises :class:`~clap_ws.errors.Busy` at once; an
 item costing more than the whole queue can hold is ``too_many_items``. A
-future cancelled before its batch starts (the client went away) is dropped
-without running. A handler exception fails only that batch's futures.
+future cancelled before its batch starts (the client went away) leaves the
+queue at once and never runs. A handler exception fails only that batch's futures.
 """
 
 from __future__ import annotations
@@ -119,11 +119,28 @@ class MicroBatcher(Generic[T, R]):
             if self._load + cost > self.max_queue:
                 raise Busy(f"the inference queue is full ({self._load} of {self.max_queue} units of work "
                            f"waiting, this request needs {cost}); retry shortly")
-            self._queues.setdefault(key, collections.deque()).append(_Pending(item, future, loop, cost))
+            pending = _Pending(item, future, loop, cost)
+            self._queues.setdefault(key, collections.deque()).append(pending)
             self._depth += 1
             self._load += cost
             self._cond.notify()
+        future.add_done_callback(lambda f: self._withdraw(key, pending) if f.cancelled() else None)
         return future
+
+    def _withdraw(self, key: Hashable, pending: _Pending[T]) -> None:
+        """Take a cancelled item out of the queue at once, so its cost frees room for others now rather than
+        when the worker reaches it (a client gone with a full pipeline must not keep the queue full)."""
+        with self._cond:
+            queue = self._queues.get(key)
+            at = next((i for i, p in enumerate(queue) if p is pending), None) if queue else None
+            if queue is None or at is None:
+                return  # already taken by the worker, which drops it
+            del queue[at]
+            if not queue:
+                del self._queues[key]
+            self._depth -= 1
+            self._load -= pending.cost
+            self.dropped += 1
 
     @property
     def depth(self) -> int:

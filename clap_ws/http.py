@@ -19,6 +19,7 @@ in a loaded library, and static files by name in a fixed table.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import mimetypes
 import re
 from collections.abc import Awaitable, Callable
@@ -33,12 +34,17 @@ import numpy as np
 import orjson
 import soundfile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .errors import ClapError, ErrorCode
+from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .protocol import MAX_OFFSET, error_reply
 from .search.library import Filters, Page
+from .state import ServerConfig
+
+DESCRIPTOR_PATH = "/clap-bd"  # the WebSocket path whose replies add behavior_descriptor and projection_version
 
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8", "clap-ws-client.js": "text/javascript; charset=utf-8",
@@ -197,13 +203,97 @@ class HttpApi:
     caller has already applied the origin rule and the token check.
     """
 
-    def __init__(self, service, info: Callable[[], dict]):
+    def __init__(self, service, config: ServerConfig):
         self.service = service
-        self.info = info
+        self.config = config
         self._routes: dict[str, Callable[[str], Awaitable[Response]]] = {
             "/api/search": self._search, "/api/similar": self._similar,
             "/api/libraries": self._libraries, "/api/info": self._info,
         }
+
+    def _authorized(self, request) -> bool:
+        """Constant-time check of the bearer token or ``?token=`` against ``--token``; one header at most."""
+        expected = (self.config.token or "").encode()
+        headers = request.headers.get_all("Authorization")
+        if len(headers) > 1:
+            return False
+        header = headers[0] if headers else ""
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given:
+            given = dict(parse_qsl(urlsplit(request.path).query)).get("token", "")
+        return hmac.compare_digest(given.encode(), expected)
+
+    def _origin_allowed(self, request) -> bool:
+        """The web's origin rule: a browser page may connect only from this server's own origin or a listed one.
+
+        Clients that send no ``Origin`` (Node, Python) are not browsers and
+        are unaffected. The server's own origin is ``http(s)://HOST`` with the
+        request's ``Host``, and only where that host is a loopback name or the
+        address the server was told to bind: a page on ``evil.example`` that
+        re-points its name at 127.0.0.1 (DNS rebinding) sends its own name.
+        """
+        origins = request.headers.get_all("Origin")
+        if not origins:
+            return True
+        if len(origins) > 1:
+            return False
+        origin = origins[0]
+        if origin in self.config.allowed_origins:
+            return True
+        host = request.headers.get_all("Host")
+        if len(host) != 1 or origin not in (f"http://{host[0]}", f"https://{host[0]}"):
+            return False
+        hostname = urlsplit(origin).hostname or ""
+        return hostname in ("localhost", "127.0.0.1", "::1", self.config.host.strip("[]"))
+
+    async def gate(self, connection: ServerConnection, request):
+        """Before any handshake: ``/health``, the origin rule, the token check, then either the WebSocket
+        handshake (``Upgrade: websocket``) or the page and its API (:mod:`clap_ws.http`)."""
+        path = urlsplit(request.path).path
+        if path == "/health":
+            return self._health()
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if not upgrade and request.method != "GET":
+            refused = ClapError(f"{request.method} is not served here; every route is a GET",
+                                code=ErrorCode.BAD_REQUEST)
+            return error_response(refused, [("Allow", "GET")], status=HTTPStatus.METHOD_NOT_ALLOWED)
+        if path == "/metrics" and not (self.config.metrics_token and self.config.token):
+            return self._metrics()
+        if not self._origin_allowed(request):
+            self.service.metrics.rejected.labels("forbidden_origin").inc()
+            if upgrade:
+                return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not connect (see --allowed-origin)\n")
+            return error_response(ClapError("this Origin may not read from this server (see --allowed-origin)",
+                                            code=ErrorCode.FORBIDDEN))
+        if self.config.token and (upgrade or self.is_api(path) or path == "/metrics") \
+                and not self._authorized(request):
+            self.service.metrics.rejected.labels("unauthorized").inc()
+            if upgrade:
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+            else:
+                response = error_response(ClapError("missing or wrong token: send Authorization: Bearer TOKEN, or "
+                                                    "?token=TOKEN", code=ErrorCode.UNAUTHORIZED))
+            response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'
+            return response
+        if path == "/metrics":
+            return self._metrics()
+        if upgrade or path in ("/clap", DESCRIPTOR_PATH):
+            return None  # the handshake (or, without Upgrade, websockets' own 426 Upgrade Required)
+        origin = request.headers.get("Origin")
+        cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] \
+            if origin and origin in self.config.allowed_origins else []
+        return await self.respond(request, cors)
+
+    def _metrics(self) -> Response:
+        return response(200, self.service.metrics.exposition(), METRICS_TYPE)
+
+    def _health(self) -> Response:
+        batcher, draining = self.service.batcher, self.service.state.draining
+        alive = batcher.alive and not draining
+        body = {"status": "ok" if alive else ("draining" if draining else "worker_dead"),
+                "model": self.service.model.identity.name, "queue_depth": batcher.depth,
+                "batches": batcher.batches, "items": batcher.items}
+        return json_response(body, HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
 
     @staticmethod
     def is_api(path: str) -> bool:
@@ -264,7 +354,7 @@ class HttpApi:
 
     async def _info(self, query: str) -> Response:
         parse_params(_NoParams, query)
-        return json_response(self.info())
+        return json_response(self.service.describe())
 
     def _file(self, library: str, item: int) -> Path:
         lib = self.service.library(library)

@@ -27,26 +27,20 @@ alive and 503 when it is not (or while draining). SIGINT/SIGTERM (see
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass
 from functools import partial
-from http import HTTPStatus
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Response
 from websockets.protocol import State
 
 from . import __version__
 from .errors import ClapError, ErrorCode, ShuttingDown
-from .http import HttpApi, error_response, json_response, response
-from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .http import DESCRIPTOR_PATH, HttpApi
 from .model.clap import ClapModel
 from .projection import Projection
 from .protocol import (
@@ -66,40 +60,11 @@ from .protocol import (
 from .search.archive import Archives
 from .search.library import Library
 from .service import Service
+from .state import ServerConfig, ServerState
 
 _log = logging.getLogger(__name__)
 PATHS = ("/", "/clap")
-DESCRIPTOR_PATH = "/clap-bd"  # replies add behavior_descriptor and projection_version
 MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Every server option; the CLI maps its flags onto these one to one."""
-
-    host: str = "127.0.0.1"
-    port: int = 32051
-    sample_rate: float = 48_000  # for binary frames without ?sample_rate=
-    max_seconds: float = 60.0
-    max_batch: int = 32
-    max_wait_ms: float = 0.0  # batches still form while the model is busy; see batching.py
-    max_queue: int = 1024
-    max_items: int = 1024  # buffers, embeddings, texts or prompts per request
-    max_frame_mb: float = 128.0
-    max_pipeline: int = 64  # unanswered requests per connection before reading pauses
-    max_pending_mb: float = 64.0  # bytes of finished, unsent replies per connection before reading pauses
-    max_connections: int = 1024
-    ping_interval: float = 20.0
-    ping_timeout: float = 60.0
-    shutdown_timeout: float = 30.0
-    warm_up: bool = True  # run one window through the model before listening
-    token: str | None = None  # required from clients (Authorization: Bearer, or ?token=) when set
-    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own (clients without one: any)
-    text_cache: int = 4096  # prompt embeddings kept (LRU)
-    audio_cache: int = 2048  # sound embeddings kept by content (LRU, ~2 KB each; 0: off)
-    archive_flush_s: float = 5.0  # how often changed archives are written (with --archive-dir)
-    library_poll_s: float = 2.0  # how often library files are checked for a rebuild (0: never)
-    metrics_token: bool = False  # whether GET /metrics needs --token (default: open, like /health)
 
 
 async def _guarded(work: Awaitable[tuple[bytes, bool]], request_id,
@@ -188,63 +153,28 @@ class _Held:
             self.room.set()
 
 
-class RecentRequests:
-    """Requests per second and p50/p95 end-to-end time over the last ``window`` seconds (for ``info`` and the
-    page's panel), in fixed numpy buffers: no Python object per request (the soak test counts them)."""
-
-    def __init__(self, window: int = 60, samples: int = 4096):
-        self.window = window
-        self._times = np.full(samples, -np.inf)  # a ring of the latest samples (their clock, their seconds)
-        self._values = np.zeros(samples)
-        self._next = 0
-        self._counts = np.zeros(window, np.int64)  # requests per whole second, by second modulo window
-        self._stamps = np.full(window, -1, np.int64)
-
-    def add(self, seconds: float) -> None:
-        now = time.monotonic()
-        slot = self._next % len(self._times)
-        self._times[slot], self._values[slot] = now, seconds
-        self._next += 1
-        second = int(now)
-        bucket = second % self.window
-        if self._stamps[bucket] != second:
-            self._stamps[bucket], self._counts[bucket] = second, 0
-        self._counts[bucket] += 1
-
-    def describe(self) -> dict:
-        now = time.monotonic()
-        requests = int(self._counts[self._stamps > int(now) - self.window].sum())
-        recent = self._values[self._times > now - self.window] * 1000
-        p50, p95 = np.percentile(recent, [50, 95]).tolist() if len(recent) else (None, None)
-        return {"window_s": self.window, "requests": requests, "per_s": round(requests / self.window, 3),
-                "p50_ms": p50, "p95_ms": p95}
-
-
 class ClapServer:
     """Serve one resident model over WebSocket. Use ``async with`` or start/shutdown."""
 
-    def __init__(self, model: ClapModel, config: ServerConfig = ServerConfig(), *,
+    def __init__(self, model: ClapModel, config: ServerConfig | None = None, *,
                  libraries: Sequence[Library] = (), archives: Archives | None = None,
                  projection: Projection | None = None):
         self.model = model
-        self.config = config
+        self.config = config = config or ServerConfig()
+        self.state = ServerState(config)
         self.service = Service(
-            model, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-            max_seconds=config.max_seconds, warm_up=config.warm_up, libraries=list(libraries),
-            archives=archives, projection=projection, text_cache=config.text_cache,
+            model, state=self.state, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+            max_queue=config.max_queue, max_seconds=config.max_seconds, warm_up=config.warm_up,
+            libraries=list(libraries), archives=archives, projection=projection, text_cache=config.text_cache,
             audio_cache=config.audio_cache,
         )
         self.batcher = self.service.batcher
-        self.http = HttpApi(self.service, self.info)
-        self.service.metrics.observe_state(self._metrics_state)
-        self.recent = RecentRequests()
+        self.http = HttpApi(self.service, config)
         self._errors: dict[str, int] = {}  # error replies by code since the last summary line
         self._errors_logged = float("-inf")
-        self.started = time.time()
         self._server: Server | None = None
         self._pending: dict[ServerConnection, asyncio.Queue] = {}
         self._held: dict[ServerConnection, _Held] = {}
-        self._draining = False
         self._watchdog: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
         self._library_watch: asyncio.Task | None = None
@@ -254,7 +184,6 @@ class ClapServer:
         self.accept_failures = 0  # accept() calls that failed for lack of descriptors or memory
         self._accept_logged = float("-inf")
         self._loop_handler: Callable | None = None
-        self.worker_restarts = 0
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> ClapServer:
@@ -271,7 +200,7 @@ class ClapServer:
         await asyncio.to_thread(self.batcher.ready.wait)  # warm-up done on the worker thread
         self._server = await serve(
             self._connection, self.config.host, self.config.port,
-            process_request=self._http, max_size=int(self.config.max_frame_mb * MiB),
+            process_request=self.http.gate, max_size=int(self.config.max_frame_mb * MiB),
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
             logger=logging.getLogger("clap_ws.connections"),  # websockets' per-connection lines (quiet by default)
@@ -301,9 +230,9 @@ class ClapServer:
         open after that (a client that reads nothing, say) is aborted, so the
         archives are always flushed and the process always exits.
         """
-        if self._draining or self._server is None:
+        if self.state.draining or self._server is None:
             return
-        self._draining = True
+        self.state.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_timeout
         self._server.close(close_connections=False)
@@ -357,9 +286,9 @@ class ClapServer:
     async def _watch_worker(self) -> None:
         while True:
             await asyncio.sleep(self.watchdog_interval)
-            if not self.batcher.alive and not self._draining:
+            if not self.batcher.alive and not self.state.draining:
                 _log.error("inference worker died; restarting it")
-                self.worker_restarts += 1
+                self.state.worker_restarts += 1
                 self.batcher.start()
 
     async def _watch_libraries(self) -> None:
@@ -391,117 +320,8 @@ class ClapServer:
 
     # ---- introspection --------------------------------------------------------
     def info(self) -> dict:
-        return {**self.service.info(), **self._server_info()}
-
-    def _server_info(self) -> dict:
-        return {
-            "version": __version__,
-            "sample_rate": self.config.sample_rate,
-            "connections": len(self._pending),
-            "worker_restarts": self.worker_restarts,
-            "recent": self.recent.describe(),
-            "uptime_s": round(time.time() - self.started, 3),
-            "config": {**asdict(self.config), "token": "***" if self.config.token else None},
-        }
-
-    def _authorized(self, request) -> bool:
-        """Constant-time check of the bearer token or ``?token=`` against ``--token``; one header at most."""
-        expected = (self.config.token or "").encode()
-        headers = request.headers.get_all("Authorization")
-        if len(headers) > 1:
-            return False
-        header = headers[0] if headers else ""
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not given:
-            given = dict(parse_qsl(urlsplit(request.path).query)).get("token", "")
-        return hmac.compare_digest(given.encode(), expected)
-
-    def _origin_allowed(self, request) -> bool:
-        """The web's origin rule: a browser page may connect only from this server's own origin or a listed one.
-
-        Clients that send no ``Origin`` (Node, Python) are not browsers and
-        are unaffected. The server's own origin is ``http(s)://HOST`` with the
-        request's ``Host``, and only where that host is a loopback name or the
-        address the server was told to bind: a page on ``evil.example`` that
-        re-points its name at 127.0.0.1 (DNS rebinding) sends its own name.
-        """
-        origins = request.headers.get_all("Origin")
-        if not origins:
-            return True
-        if len(origins) > 1:
-            return False
-        origin = origins[0]
-        if origin in self.config.allowed_origins:
-            return True
-        host = request.headers.get_all("Host")
-        if len(host) != 1 or origin not in (f"http://{host[0]}", f"https://{host[0]}"):
-            return False
-        hostname = urlsplit(origin).hostname or ""
-        return hostname in ("localhost", "127.0.0.1", "::1", self.config.host.strip("[]"))
-
-    async def _http(self, connection: ServerConnection, request):
-        """Before any handshake: ``/health``, the origin rule, the token check, then either the WebSocket
-        handshake (``Upgrade: websocket``) or the page and its API (:mod:`clap_ws.http`)."""
-        path = urlsplit(request.path).path
-        if path == "/health":
-            return self._health()
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if not upgrade and request.method != "GET":
-            refused = ClapError(f"{request.method} is not served here; every route is a GET",
-                                code=ErrorCode.BAD_REQUEST)
-            return error_response(refused, [("Allow", "GET")], status=HTTPStatus.METHOD_NOT_ALLOWED)
-        if path == "/metrics" and not (self.config.metrics_token and self.config.token):
-            return self._metrics()
-        if not self._origin_allowed(request):
-            self.service.metrics.rejected.labels("forbidden_origin").inc()
-            if upgrade:
-                return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not connect (see --allowed-origin)\n")
-            return error_response(ClapError("this Origin may not read from this server (see --allowed-origin)",
-                                            code=ErrorCode.FORBIDDEN))
-        if self.config.token and (upgrade or HttpApi.is_api(path) or path == "/metrics") \
-                and not self._authorized(request):
-            self.service.metrics.rejected.labels("unauthorized").inc()
-            if upgrade:
-                response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
-            else:
-                response = error_response(ClapError("missing or wrong token: send Authorization: Bearer TOKEN, or "
-                                                    "?token=TOKEN", code=ErrorCode.UNAUTHORIZED))
-            response.headers["WWW-Authenticate"] = 'Bearer realm="clap-ws"'
-            return response
-        if path == "/metrics":
-            return self._metrics()
-        if upgrade or path in ("/clap", DESCRIPTOR_PATH):
-            return None  # the handshake (or, without Upgrade, websockets' own 426 Upgrade Required)
-        origin = request.headers.get("Origin")
-        cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] \
-            if origin and origin in self.config.allowed_origins else []
-        return await self.http.respond(request, cors)
-
-    def _metrics(self) -> Response:
-        return response(200, self.service.metrics.exposition(), METRICS_TYPE)
-
-    def _metrics_state(self) -> dict:
-        service = self.service
-        model = self.model.describe()
-        return {
-            "batches": self.batcher.batches, "dropped": self.batcher.dropped, "worker_restarts": self.worker_restarts,
-            "audio_windows": service.inference.audio_windows, "text_cache": service.text_cache.describe(),
-            "audio_cache": service.audio_cache.describe(), "queue_depth": self.batcher.depth,
-            "queue_load": self.batcher.load, "connections": len(self._pending), "worker_alive": self.batcher.alive,
-            "projection_version": service.descriptors.version,
-            "libraries": {name: len(lib) for name, lib in service.libraries.items()},
-            "archives": service.archives.sizes(),
-            "info": {"version": __version__, "model": model["model"],
-                     "checkpoint_sha256": model["checkpoint_sha256"] or "", "device": model["device"],
-                     "precision": model["precision"], "engine": model["engine"]},
-        }
-
-    def _health(self) -> Response:
-        alive = self.batcher.alive and not self._draining
-        body = {"status": "ok" if alive else ("draining" if self._draining else "worker_dead"),
-                "model": self.model.identity.name, "queue_depth": self.batcher.depth,
-                "batches": self.batcher.batches, "items": self.batcher.items}
-        return json_response(body, HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
+        """What ``{"op": "info"}`` answers: the model, the service and this server (one description)."""
+        return self.service.describe()
 
     # ---- connections ------------------------------------------------------------
     async def _connection(self, ws: ServerConnection) -> None:
@@ -521,6 +341,7 @@ class ClapServer:
         defaults = parse_query(url.query, self.config.sample_rate)
         pending: asyncio.Queue = asyncio.Queue(self.config.max_pipeline)
         self._pending[ws] = pending
+        self.state.connections = len(self._pending)
         held = _Held(int(self.config.max_pending_mb * MiB))
         self._held[ws] = held
         reader = asyncio.create_task(self._read(ws, pending, held, defaults, descriptor))
@@ -532,6 +353,7 @@ class ClapServer:
             for task in (reader, writer, closed):
                 task.cancel()
             del self._pending[ws]
+            self.state.connections = len(self._pending)
             self._held.pop(ws, None)
             while not pending.empty():  # the client left with work queued: drop it
                 pending.get_nowait().cancel()
@@ -591,7 +413,7 @@ class ClapServer:
         request_id = None
         op = "invalid"  # until the message parses
         try:
-            if self._draining:
+            if self.state.draining:
                 raise ShuttingDown("the server is shutting down; reconnect to another server")
             if isinstance(message, str):
                 request = await self.service.off_loop(len(message), parse_text, message, defaults,
@@ -599,11 +421,11 @@ class ClapServer:
             else:
                 request = parse_binary(message, defaults)
             request_id, op = request.id, op_name(request)
-            work = await self.service.dispatch(request, received, descriptor, self._server_info, client=client)
+            work = await self.service.dispatch(request, received, descriptor, client=client)
             reply = asyncio.ensure_future(_guarded(work, request_id, partial(self._counted, op, received)))
             reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)  # its client left
             if not isinstance(request, InfoRequest | LibrariesRequest):  # a page polling info is not load
-                reply.add_done_callback(lambda _: self.recent.add(time.perf_counter() - received))
+                reply.add_done_callback(lambda _: self.state.recent.add(time.perf_counter() - received))
             return reply
         except ClapError as exc:
             self._counted(op, received, ErrorCode(exc.code).value)

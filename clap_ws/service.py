@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .audio import AudioSpec, load, windows
 from .batching import MicroBatcher
 from .constants import SAMPLE_RATE
@@ -58,6 +59,7 @@ from .search.archive import Archives
 from .search.library import Filters, Library, Page, find
 from .search.scan import choose_kernel, single_threaded
 from .similarity import EmbeddingCache, cosine_matrix, softmax_probs, unit
+from .state import ServerState
 
 _log = logging.getLogger(__name__)
 Reply = tuple[bytes, bool]
@@ -80,10 +82,12 @@ class Service:
     def __init__(self, model: ClapModel, *, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024,
                  max_seconds: float = 60.0, warm_up: bool = True, libraries: Sequence[Library] = (),
                  archives: Archives | None = None, projection: Projection | None = None,
-                 text_cache: int = 4096, audio_cache: int = 2048):
+                 text_cache: int = 4096, audio_cache: int = 2048, state: ServerState | None = None):
         self.model = model
+        self.state = state or ServerState()  # the server's counters, for info, /health and /metrics
         self.max_seconds = max_seconds
         self.metrics = Metrics()
+        self.metrics.observe_state(self.metrics_state)
         self.inference = Inference(model, self.metrics)
         self.batcher = MicroBatcher(
             self.inference.stream, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -103,6 +107,8 @@ class Service:
         self._jobs_of_rows: dict[asyncio.Future, asyncio.Future] = {}  # a sound's row -> the job computing it
         self._interest: dict[asyncio.Future, int] = {}  # a row -> requests waiting for it
         self._texts_in_flight: dict[str, asyncio.Future] = {}  # text -> future of its embedding row
+        self._text_jobs: dict[str, asyncio.Future] = {}  # text -> the job computing it
+        self._text_interest: dict[asyncio.Future, int] = {}  # a text job -> requests that may still wait for it
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
         # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index", initializer=single_threaded)
@@ -142,7 +148,7 @@ class Service:
 
     # ---- dispatch ---------------------------------------------------------------------
     async def dispatch(self, request: Request, received: float, descriptor: bool = False,
-                       extra_info: Callable[[], dict] | None = None, client: Hashable = None) -> asyncio.Task[Reply]:
+                       client: Hashable = None) -> asyncio.Task[Reply]:
         """Check ``request`` and queue its work; the returned task yields its reply frame.
 
         Returns once the work is queued: without suspending for small
@@ -151,16 +157,15 @@ class Service:
         others). Raises :class:`~clap_ws.errors.ClapError` for what can be
         known before any model work: ``busy``, an unknown library or archive,
         bad audio, no tokenizer. ``descriptor`` adds behaviour descriptors
-        (``/clap-bd``); ``extra_info`` adds the server's fields to ``info``;
-        ``client`` (a connection) is whose turn the model work waits for (see
+        (``/clap-bd``); ``client`` (a connection) is whose turn the model work waits for (see
         :mod:`clap_ws.batching`). Cancelling the task cancels model work that
         no other request waits for; it is always a task, so the caller never
         has to tell a finished reply from one still to be computed.
         """
-        return asyncio.ensure_future(await self._prepare(request, received, descriptor, extra_info, client))
+        return asyncio.ensure_future(await self._prepare(request, received, descriptor, client))
 
     async def _prepare(self, request: Request, received: float, descriptor: bool,
-                       extra_info: Callable[[], dict] | None, client: Hashable) -> Awaitable[Reply]:
+                       client: Hashable) -> Awaitable[Reply]:
         match request:
             case EmbedRequest():
                 self.metrics.items.labels("audio").inc(len(request.buffers))
@@ -173,7 +178,7 @@ class Service:
             case ArchiveRequest():
                 return await self._archive(request, client)
             case InfoRequest():
-                return done(_ok("info", {**self.info(), **(extra_info() if extra_info else {})}, request.id))
+                return done(_ok("info", self.describe(), request.id))
             case LibrariesRequest():
                 return done(_ok("libraries", {"libraries": self.describe_libraries()}, request.id))
             case ProjectionRequest(op="projection_info"):
@@ -329,7 +334,12 @@ class Service:
         return out
 
     def _texts(self, texts, client: Hashable = None) -> Callable[[], Awaitable[np.ndarray]]:
-        """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512)."""
+        """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512).
+
+        As with sounds, a job is cancelled once every request that asked for
+        its texts has gone (their ``gather`` cancelled); a request counts from
+        this call, so a job is never cancelled under one still to be awaited.
+        """
         if self.model.tokenizer is None:
             self.model.embed_text([])  # raises TextUnavailable with the full explanation
         found, missing = self.text_cache.lookup(texts)
@@ -339,19 +349,33 @@ class Service:
             loop = asyncio.get_running_loop()
             rows = {t: loop.create_future() for t in new}
             self._texts_in_flight.update(rows)
+            self._text_jobs.update(dict.fromkeys(new, job))
             job.add_done_callback(lambda done: self._texts_done(new, rows, done))
         waiting = {t: self._texts_in_flight[t] for t in missing}
+        jobs = {self._text_jobs[t] for t in missing}
+        for job in jobs:
+            self._text_interest[job] = self._text_interest.get(job, 0) + 1
 
         async def gather() -> np.ndarray:
-            for text, row in waiting.items():
-                found[text] = await asyncio.shield(row)  # shared: one client going must not cancel it
-            return np.stack([found[t] for t in texts])
+            try:
+                for text, row in waiting.items():
+                    found[text] = await asyncio.shield(row)  # shared: one client going must not cancel it
+                return np.stack([found[t] for t in texts])
+            finally:
+                for job in jobs:
+                    left = self._text_interest.get(job, 0) - 1
+                    if left > 0:
+                        self._text_interest[job] = left
+                    elif self._text_interest.pop(job, None) is not None and not job.done():
+                        job.cancel()  # everyone who asked for these texts has gone
 
         return gather
 
     def _texts_done(self, texts: list[str], rows: dict[str, asyncio.Future], job: asyncio.Future) -> None:
         for text in texts:
             self._texts_in_flight.pop(text, None)
+            self._text_jobs.pop(text, None)
+        self._text_interest.pop(job, None)
         error = ClapError("the text job was cancelled") if job.cancelled() else job.exception()
         if error is None:
             embeddings = job.result().embeddings
@@ -548,6 +572,28 @@ class Service:
         return {"archive": req.archive, "dropped": self.archives.drop(self._archive_named(req).name)}
 
     # ---- introspection --------------------------------------------------------------------
+    def describe(self) -> dict:
+        """The one description of the running server: what ``info`` and ``/api/info`` answer and the page shows."""
+        return {**self.info(), **self.state.describe()}
+
+    def metrics_state(self) -> dict:
+        """What each scrape of ``GET /metrics`` reads (see :mod:`clap_ws.metrics`)."""
+        service = self
+        model = self.model.describe()
+        return {
+            "batches": self.batcher.batches, "dropped": self.batcher.dropped,
+            "worker_restarts": self.state.worker_restarts,
+            "audio_windows": service.inference.audio_windows, "text_cache": service.text_cache.describe(),
+            "audio_cache": service.audio_cache.describe(), "queue_depth": self.batcher.depth,
+            "queue_load": self.batcher.load, "connections": self.state.connections, "worker_alive": self.batcher.alive,
+            "projection_version": service.descriptors.version,
+            "libraries": {name: len(lib) for name, lib in service.libraries.items()},
+            "archives": service.archives.sizes(),
+            "info": {"version": __version__, "model": model["model"],
+                     "checkpoint_sha256": model["checkpoint_sha256"] or "", "device": model["device"],
+                     "precision": model["precision"], "engine": model["engine"]},
+        }
+
     def info(self) -> dict:
         return {
             **self.model.describe(),
