@@ -40,6 +40,7 @@ from .cpu import instruction_set
 from .descriptors import HOW, Descriptors
 from .errors import ClapError, ErrorCode
 from .inference import AudioJob, Inference, TextJob
+from .inflight import Computed
 from .metrics import Metrics
 from .model.clap import ClapModel, model_identity
 from .projection import Projection
@@ -103,12 +104,8 @@ class Service:
         self.audio_cache = EmbeddingCache(audio_cache)  # content hash -> (embedding, warnings)
         self._model_key = repr(sorted(model_identity(model).items()))
         self._silence_key = ("silence", self._model_key)  # all-zero windows: one model input, whatever the length
-        self._sounds_in_flight: dict[Any, tuple[asyncio.Future, list[str]]] = {}
-        self._jobs_of_rows: dict[asyncio.Future, asyncio.Future] = {}  # a sound's row -> the job computing it
-        self._interest: dict[asyncio.Future, int] = {}  # a row -> requests waiting for it
-        self._texts_in_flight: dict[str, asyncio.Future] = {}  # text -> future of its embedding row
-        self._text_jobs: dict[str, asyncio.Future] = {}  # text -> the job computing it
-        self._text_interest: dict[asyncio.Future, int] = {}  # a text job -> requests that may still wait for it
+        self.sounds = Computed(self.audio_cache, "audio")  # content hash -> embedding, warnings
+        self.texts = Computed(self.text_cache, "text")  # text -> embedding
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
         # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index", initializer=single_threaded)
@@ -203,12 +200,14 @@ class Service:
         size = sum(memoryview(b).nbytes for b in buffers)
         keys = await self.off_loop(size, self._content_keys, buffers, spec) if self.audio_cache.capacity else \
             [None] * len(buffers)
-        rows: list[np.ndarray | asyncio.Future | None] = [None] * len(buffers)
+        rows: list[Any] = [None] * len(buffers)
         notes: list[list[str]] = [[] for _ in buffers]
         todo: dict[Any, list[int]] = {}  # key (or a private one when not caching) -> the buffers with it
         for i, key in enumerate(keys):
-            hit = self._cached_or_flying(key, i, rows, notes)
-            if not hit:
+            found = self.sounds.find(key) if key is not None else None
+            if found is not None:
+                rows[i], notes[i] = found
+            else:
                 todo.setdefault(key if key is not None else ("buffer", i), []).append(i)
         if todo:
             firsts = [group[0] for group in todo.values()]
@@ -221,21 +220,29 @@ class Service:
                     notes[i] = clip_notes
                 if self.audio_cache.capacity and not clip.any():  # silence: the same model input at any length
                     key = self._silence_key
-                    if self._cached_or_flying(key, group[0], rows, notes, count=False):
+                    silence = self.sounds.find(key, count=False)
+                    if silence is not None:
                         self.audio_cache.hits, self.audio_cache.misses = self.audio_cache.hits + 1, \
                             self.audio_cache.misses - 1
-                        notes[group[0]] = clip_notes
-                        for i in group[1:]:
-                            rows[i] = rows[group[0]]
+                        for i in group:
+                            rows[i] = silence[0]
                         continue
                 new.setdefault(key, (clip, []))[1].extend(group)
             if new:
                 clips = [clip for clip, _ in new.values()]
                 job = self.batcher.submit(AudioJob(clips), key=client, cost=sum(len(c) for c in clips))
-                self._sounds_started(job, [(key, group) for key, (_, group) in new.items()], notes, rows)
+                started = self.sounds.start(
+                    job, list(new), [notes[group[0]] for _, group in new.values()],
+                    lambda result: [(vec, (result.queue_ms, result.model_ms)) for vec in result.embeddings],
+                    share=bool(self.audio_cache.capacity))
+                for row, (_, group) in zip(started, new.values()):
+                    for i in group:
+                        rows[i] = row
         if warnings is not None:
             warnings.extend(notes)
-        return asyncio.ensure_future(self._sound_result(rows))
+        flying = [isinstance(r, asyncio.Future) for r in rows]
+        values = self.sounds.wait(rows)
+        return _quiet(asyncio.ensure_future(self._sound_result(values, flying)))
 
     def _content_keys(self, buffers: list, spec: AudioSpec) -> list[bytes]:
         """A hash of each buffer's bytes and of everything else that decides its embedding (rate, channels,
@@ -248,74 +255,15 @@ class Service:
             keys.append(digest.digest())
         return keys
 
-    def _cached_or_flying(self, key, i: int, rows: list, notes: list, count: bool = True) -> bool:
-        """Fill ``rows[i]`` from the cache or an in-flight job for ``key``; whether it could be."""
-        if key is None:
-            return False
-        cached = self.audio_cache.get(key) if count else self.audio_cache.peek(key)
-        if cached is not None:
-            rows[i], notes[i] = cached
-            return True
-        flying = self._sounds_in_flight.get(key)
-        if flying is not None:
-            rows[i], notes[i] = flying
-            return True
-        return False
-
-    def _sounds_started(self, job: asyncio.Future, job_keys: list, notes: list, rows: list) -> None:
-        """Rows for a new job's sounds, shared through ``_sounds_in_flight`` until it settles; then cached."""
-        loop = asyncio.get_running_loop()
-        futures = []
-        for key, group in job_keys:
-            row = loop.create_future()
-            futures.append((key, row))
-            for i in group:
-                rows[i] = row
-            if self.audio_cache.capacity:
-                self._sounds_in_flight[key] = (row, notes[group[0]])
-        self._jobs_of_rows.update({row: job for _, row in futures})
-
-        def settle(job: asyncio.Future) -> None:
-            error = ClapError("the audio job was cancelled") if job.cancelled() else job.exception()
-            for n, (key, row) in enumerate(futures):
-                entry = self._sounds_in_flight.pop(key, None)
-                self._jobs_of_rows.pop(row, None)
-                if error is None:
-                    vec = job.result().embeddings[n]
-                    if entry is not None:
-                        self.audio_cache.store([key], [(vec, entry[1])])
-                    row.set_result((vec, job.result().queue_ms, job.result().model_ms))
-                else:
-                    row.set_exception(error)
-                    row.add_done_callback(lambda r: r.exception())  # nobody may be waiting any more
-
-        job.add_done_callback(settle)
-
-    async def _sound_result(self, rows: list) -> SoundResult:
-        """Wait for the rows still in flight; a request that goes away cancels a job nobody else waits for."""
-        waiting = {r for r in rows if isinstance(r, asyncio.Future)}
-        for row in waiting:
-            self._interest[row] = self._interest.get(row, 0) + 1
-        try:
-            vectors, cached, queue_ms, model_ms = [], [], 0.0, 0.0
-            for row in rows:
-                if isinstance(row, asyncio.Future):
-                    vec, queue_ms, model_ms = await asyncio.shield(row)
-                    cached.append(False)
-                else:
-                    vec = row
-                    cached.append(True)
-                vectors.append(vec)
-            return SoundResult(np.stack(vectors), queue_ms, model_ms, cached)
-        finally:
-            for row in waiting:
-                self._interest[row] -= 1
-                if self._interest[row] <= 0:
-                    del self._interest[row]
-                    job = self._jobs_of_rows.get(row)
-                    if job is not None and not job.done() and not any(
-                            r in self._interest for r, j in self._jobs_of_rows.items() if j is job):
-                        job.cancel()  # its client left and nobody else is waiting for these sounds
+    @staticmethod
+    async def _sound_result(values: asyncio.Task, flying: list[bool]) -> SoundResult:
+        """The request's rows as one result: cached rows are vectors, computed ones (vector, timings)."""
+        vectors, queue_ms, model_ms = [], 0.0, 0.0
+        for value, computed in zip(await values, flying):
+            if computed:
+                value, (queue_ms, model_ms) = value
+            vectors.append(value)
+        return SoundResult(np.stack(vectors), queue_ms, model_ms, [not f for f in flying])
 
     def _clips(self, buffers: list[tuple[int, bytes]], spec: AudioSpec,
                batch: bool) -> list[tuple[np.ndarray, list[str]]]:
@@ -333,59 +281,29 @@ class Service:
                 raise
         return out
 
-    def _texts(self, texts, client: Hashable = None) -> Callable[[], Awaitable[np.ndarray]]:
-        """Queue the texts neither cached nor in flight now; the returned coroutine function yields (n, 512).
-
-        As with sounds, a job is cancelled once every request that asked for
-        its texts has gone (their ``gather`` cancelled); a request counts from
-        this call, so a job is never cancelled under one still to be awaited.
-        """
+    def _texts(self, texts, client: Hashable = None) -> asyncio.Task:
+        """Queue the texts neither cached nor in flight now, in one job; the task yields their (n, 512)
+        embeddings in order (a job nobody waits for any more is cancelled, see :mod:`clap_ws.inflight`)."""
         if self.model.tokenizer is None:
             self.model.embed_text([])  # raises TextUnavailable with the full explanation
-        found, missing = self.text_cache.lookup(texts)
-        new = [t for t in missing if t not in self._texts_in_flight]
+        rows: dict[str, Any] = {}
+        for text in dict.fromkeys(texts):
+            found = self.texts.find(text)
+            rows[text] = found[0] if found is not None else None
+        new = [t for t, row in rows.items() if row is None]
         if new:
             job = self.batcher.submit(TextJob(new), key=client, cost=len(new))
-            loop = asyncio.get_running_loop()
-            rows = {t: loop.create_future() for t in new}
-            self._texts_in_flight.update(rows)
-            self._text_jobs.update(dict.fromkeys(new, job))
-            job.add_done_callback(lambda done: self._texts_done(new, rows, done))
-        waiting = {t: self._texts_in_flight[t] for t in missing}
-        jobs = {self._text_jobs[t] for t in missing}
-        for job in jobs:
-            self._text_interest[job] = self._text_interest.get(job, 0) + 1
+            started = self.texts.start(job, new, [()] * len(new),
+                                       lambda result: [(vec, None) for vec in result.embeddings])
+            rows.update(zip(new, started))
+        values = self.texts.wait(list(rows.values()))
+        order = {text: i for i, text in enumerate(rows)}
 
-        async def gather() -> np.ndarray:
-            try:
-                for text, row in waiting.items():
-                    found[text] = await asyncio.shield(row)  # shared: one client going must not cancel it
-                return np.stack([found[t] for t in texts])
-            finally:
-                for job in jobs:
-                    left = self._text_interest.get(job, 0) - 1
-                    if left > 0:
-                        self._text_interest[job] = left
-                    elif self._text_interest.pop(job, None) is not None and not job.done():
-                        job.cancel()  # everyone who asked for these texts has gone
+        async def in_order() -> np.ndarray:
+            got = [v[0] if isinstance(v, tuple) else v for v in await values]
+            return np.stack([got[order[t]] for t in texts])
 
-        return gather
-
-    def _texts_done(self, texts: list[str], rows: dict[str, asyncio.Future], job: asyncio.Future) -> None:
-        for text in texts:
-            self._texts_in_flight.pop(text, None)
-            self._text_jobs.pop(text, None)
-        self._text_interest.pop(job, None)
-        error = ClapError("the text job was cancelled") if job.cancelled() else job.exception()
-        if error is None:
-            embeddings = job.result().embeddings
-            self.text_cache.store(texts, embeddings)
-        for i, text in enumerate(texts):
-            if error is None:
-                rows[text].set_result(embeddings[i])
-            else:
-                rows[text].set_exception(error)
-                rows[text].add_done_callback(lambda row: row.exception())  # nobody may be waiting any more
+        return _quiet(asyncio.ensure_future(in_order()))
 
     def _library(self, name: str | None) -> list[Library]:
         if not self.libraries:
@@ -434,7 +352,7 @@ class Service:
 
     async def text_vector(self, text: str, client: Hashable = None) -> np.ndarray:
         """One text's embedding (from the prompt cache when it is there)."""
-        return (await self._texts([text], client)())[0]
+        return (await self._texts([text], client))[0]
 
     async def find(self, query: np.ndarray | None, library: str | None, page: Page, filters: Filters,
                    exclude: tuple[str, int] | None = None) -> dict:
@@ -462,7 +380,7 @@ class Service:
             if self.audio_cache.capacity:
                 extras["cached"] = result.cached
             if prompts is not None:
-                cos = cosine_matrix(emb, await prompts())
+                cos = cosine_matrix(emb, await prompts)
                 extras["similarity"] = [dict(zip(sc.prompts, row)) for row in cos.tolist()]
                 if sc.probs:
                     p = softmax_probs(cos, self.model.logit_scale)
@@ -502,7 +420,7 @@ class Service:
         gather = self._texts(req.texts, client)
 
         async def finish() -> Reply:
-            emb = await gather()
+            emb = await gather
             return _ok("embed_text", {"embeddings": emb, "count": len(emb), "cached": cached_before,
                                            "model": self.model.identity.name,
                                            "time": time.perf_counter() - received}, req.id)
@@ -519,7 +437,7 @@ class Service:
         async def finish() -> Reply:
             sound: np.ndarray | None = (await audio).embeddings[0] if audio is not None else \
                 (req.embedding[0] if req.embedding is not None else like)
-            words = (await text())[0] if text is not None else None
+            words = (await text)[0] if text is not None else None
             query: np.ndarray | None
             if words is not None and sound is not None:
                 query = unit(req.alpha * unit(words) + (1 - req.alpha) * unit(sound))
@@ -619,6 +537,12 @@ class Service:
 
 def _ok(op: str, body: dict, request_id: Any) -> Reply:
     return ok_reply(op, body, request_id), True
+
+
+def _quiet(task: asyncio.Task) -> asyncio.Task:
+    """A task whose failure its request may never read (it left first): no 'exception never retrieved'."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 async def done(reply: Reply) -> Reply:

@@ -61,7 +61,7 @@ async def test_a_prompt_asked_for_by_many_at_once_is_embedded_once(server, extra
     np.testing.assert_allclose(replies[0]["embeddings"], extractor.extract_text(prompt[::-1] + prompt), atol=1e-5)
     assert server.service.text_model_calls == calls + 1  # one model call for 13 requests
     assert also_audio["status"] == "OK" and server.service.text_model_calls == calls + 1  # now cached
-    assert not server.service._texts_in_flight
+    assert not any(server.service.texts.flying(t) for t in prompt)  # nothing left in flight
 
 
 async def test_prompts_similarity_and_probs_match_compute_similarity(server, extractor):
