@@ -76,7 +76,7 @@ class Descriptors:
                              epochs=request.epochs, seed=request.seed,
                              extra={"archive": archive, "source": f"archive {archive}"})
         check(options, len(vectors))
-        human = self._rows(request.triplets, ids)
+        human = self._rows([(t.anchor, t.positive, t.negative) for t in request.triplets], ids)
         self.fitting = {"archive": archive, "items": len(vectors), "method": request.method, "dims": request.dims,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         loop = asyncio.get_running_loop()

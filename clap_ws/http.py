@@ -33,15 +33,14 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import numpy as np
 import orjson
 import soundfile
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .errors import ClapError, ErrorCode
 from .metrics import CONTENT_TYPE as METRICS_TYPE
-from .protocol import MAX_OFFSET, error_reply
-from .search.library import Filters, Page
+from .protocol import Name, SearchParams, Text, error_reply
 from .state import ServerConfig
 
 DESCRIPTOR_PATH = "/clap-bd"  # the WebSocket path whose replies add behavior_descriptor and projection_version
@@ -64,32 +63,19 @@ WAVEFORM_POINTS = 96
 WAVEFORM_MAX_BYTES = 256 << 20  # larger files get no thumbnail rather than a long read
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    top_k: int = Field(15, ge=1, le=HTTP_TOP_K)
-    offset: int = Field(0, ge=0, le=MAX_OFFSET)
-    tags: tuple[str, ...] = ()
-    library: str | None = Field(None, min_length=1, max_length=200)
-    min_score: float | None = Field(None, ge=-1.0, le=1.0)
-    min_duration: float | None = Field(None, ge=0.0)
-    max_duration: float | None = Field(None, ge=0.0)
+class HttpSearch(SearchParams):
+    """``/api/search``: the WebSocket ``search`` op's paging and filters, with an HTTP page size."""
 
-    def page(self) -> Page:
-        return Page(self.top_k, self.offset, self.min_score)
-
-    def filters(self) -> Filters:
-        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
-            raise ClapError("min_duration is larger than max_duration", code=ErrorCode.BAD_REQUEST)
-        return Filters(self.tags, self.min_duration, self.max_duration)
+    top_k: StrictInt = Field(15, ge=1, le=HTTP_TOP_K)
+    text: Text | None = None
 
 
-class SearchParams(_Params):
-    text: str | None = Field(None, min_length=1, max_length=2000)
+class HttpSimilar(SearchParams):
+    """``/api/similar``: more like one library item."""
 
-
-class SimilarParams(_Params):
-    library: str = Field(min_length=1, max_length=200)
-    id: int = Field(ge=0)
+    top_k: StrictInt = Field(15, ge=1, le=HTTP_TOP_K)
+    library: Name
+    id: StrictInt = Field(ge=0)
 
 
 class _NoParams(BaseModel):
@@ -108,8 +94,10 @@ def parse_params(model: type[BaseModel], query: str) -> Any:
             raise ClapError(f"{key} is given more than once", code=ErrorCode.BAD_REQUEST)
         elif value != "":  # a blank form field means "not given"
             values[key] = value
-    try:
-        return model.model_validate(values)
+    tags = values.pop("tags", None)
+    try:  # query values are strings: numbers are read from them as JSON would be, then the list of tags added
+        scalars = model.model_validate_strings(values).model_dump(exclude_unset=True)
+        return model.model_validate(scalars if tags is None else {**scalars, "tags": list(tags)})
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "query"
@@ -331,16 +319,18 @@ class HttpApi:
         return response(200, static_file(name), STATIC[name], headers)
 
     async def _search(self, query: str) -> Response:
-        params: SearchParams = parse_params(SearchParams, query)
+        params: HttpSearch = parse_params(HttpSearch, query)
+        params.check_durations()
         vector = await self.service.text_vector(params.text, client="http") if params.text else None
         return json_response(self._page(await self.service.find(
-            vector, params.library, params.page(), params.filters())))
+            vector, params.library, params.page, params.filters)))
 
     async def _similar(self, query: str) -> Response:
-        params: SimilarParams = parse_params(SimilarParams, query)
+        params: HttpSimilar = parse_params(HttpSimilar, query)
+        params.check_durations()
         vector = self.service.item_vector(params.library, params.id)
         return json_response(self._page(await self.service.find(
-            vector, None, params.page(), params.filters(), exclude=(params.library, params.id))))
+            vector, None, params.page, params.filters, exclude=(params.library, params.id))))
 
     def _page(self, page: dict) -> dict:
         for result in page["results"]:

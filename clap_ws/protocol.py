@@ -1,11 +1,11 @@
 """The wire protocol: frames in, typed requests out; results in, reply frames out.
 
 No I/O happens here. A WebSocket message is parsed and validated once, at the
-edge, into a frozen request object (:data:`Request`: :class:`EmbedRequest`,
-:class:`TextRequest`, :class:`SearchRequest`, :class:`ArchiveRequest`,
-:class:`ProjectionRequest`, :class:`LibrariesRequest` or
-:class:`InfoRequest`); the service and the model trust it from then on. Every
-way a message can be wrong raises a :class:`~clap_ws.errors.ClapError` whose
+edge, into its request model: the pydantic schema is the typed request the
+service receives (:data:`OPS` maps each op to its model, read from the
+model's ``op`` Literal; :meth:`Message.prepare` checks what spans fields and
+derives the audio spec, the decoded buffers and the vectors). Every way a
+message can be wrong raises a :class:`~clap_ws.errors.ClapError` whose
 ``code`` is documented in PROTOCOL.md, and :func:`error_reply` renders any of
 them in the one error shape.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -33,6 +33,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -50,108 +51,6 @@ _QUERY_KEYS = ("sample_rate", "channels", "normalize", "long_clip", "reply")
 _OTHER_QUERY_KEYS = ("token",)  # read by the server's handshake, not here
 
 
-# ---- typed requests -------------------------------------------------------
-@dataclass(frozen=True)
-class Scoring:
-    """What to compute from a fresh embedding besides the embedding itself."""
-
-    prompts: tuple[str, ...] = ()
-    probs: bool = False
-    references: np.ndarray | None = None  # (r, 512), unit rows
-    top_k: int = 0
-    library: str | None = None
-    tags: tuple[str, ...] = ()
-    archive: str | None = None  # novelty against it
-    k: int = 15
-    archive_add: bool = False
-    ids: tuple | None = None
-
-    @property
-    def active(self) -> bool:
-        return bool(self.prompts or self.references is not None or self.top_k or self.archive)
-
-
-@dataclass(frozen=True)
-class EmbedRequest:
-    """Embed one buffer (``batch=False``) or several (``embed_batch``)."""
-
-    buffers: list
-    spec: AudioSpec
-    reply: str = "json"
-    id: Any = None
-    batch: bool = False
-    scoring: Scoring = Scoring()
-    warnings: tuple[str, ...] = ()  # about the request itself (e.g. unknown URL query keys)
-    descriptor: bool = False  # add behaviour descriptors (also on /clap-bd)
-
-
-@dataclass(frozen=True)
-class TextRequest:
-    texts: tuple[str, ...]
-    id: Any = None
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    """Search libraries by text, audio, an embedding or a library item (text + one of the others blends them),
-    or browse them by filters alone."""
-
-    id: Any = None
-    text: str | None = None
-    buffers: list = field(default_factory=list)  # zero or one
-    spec: AudioSpec = AudioSpec()
-    embedding: np.ndarray | None = None
-    alpha: float = 0.5
-    library: str | None = None
-    item: tuple[str, int] | None = None  # (library, id): "more like this", the item itself left out
-    page: Page = Page()
-    filters: Filters = Filters()
-
-
-@dataclass(frozen=True)
-class LibrariesRequest:
-    id: Any = None
-
-
-@dataclass(frozen=True)
-class ProjectionRequest:
-    """``projection_fit`` (on a named archive, with optional people's triplets by item id) or ``projection_info``."""
-
-    op: str
-    id: Any = None
-    archive: str | None = None
-    dims: int = 6
-    method: str = "triplet"
-    hidden: tuple[int, ...] = (64,)
-    triplets: tuple[tuple[Any, Any, Any], ...] = ()
-    epochs: int = 20
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class ArchiveRequest:
-    """``archive_add``, ``novelty``, ``archive_search``, ``archive_info`` or ``archive_drop``."""
-
-    op: str
-    id: Any = None
-    archive: str | None = None
-    embeddings: np.ndarray | None = None  # (n, 512) unit rows, or audio below
-    buffers: list = field(default_factory=list)
-    spec: AudioSpec = AudioSpec()
-    ids: tuple | None = None
-    k: int = 15
-    top_k: int = 10
-
-
-@dataclass(frozen=True)
-class InfoRequest:
-    id: Any = None
-
-
-Request = (EmbedRequest | TextRequest | SearchRequest | ArchiveRequest | InfoRequest | LibrariesRequest
-           | ProjectionRequest)
-
-
 @dataclass(frozen=True)
 class ConnectionDefaults:
     """Options for binary frames, from the URL query and the server's defaults.
@@ -166,7 +65,8 @@ class ConnectionDefaults:
     warnings: tuple[str, ...] = ()  # unknown query keys, named in every JSON reply to a binary frame
 
 
-# ---- JSON message schemas (validation only) -------------------------------
+
+# ---- shared field types ----------------------------------------------------------
 Rate = StrictFloat  # a JSON number (ints accepted); strings and booleans are refused
 Text = Annotated[StrictStr, Field(min_length=1, max_length=2000)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
@@ -198,24 +98,77 @@ ItemId = Annotated[Any, AfterValidator(_bounded_id)]
 RequestId = ItemId
 
 
-class _Message(BaseModel):
+# ---- requests: the JSON schemas are the typed requests ---------------------------------
+class Message(BaseModel):
+    """A request as the client sent it, validated. Subclasses name their ``op`` (a ``Literal``), which is how
+    :data:`OPS` finds them; :meth:`prepare` then checks what spans fields and derives what the service needs."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: RequestId = None
+    if TYPE_CHECKING:
+        op: str  # each subclass declares it as a Literal
+
+    @classmethod
+    def ops(cls) -> tuple[str, ...]:
+        """The ``op`` values this model answers to."""
+        return tuple(get_args(cls.model_fields["op"].annotation))
+
+    def prepare(self, defaults: ConnectionDefaults) -> None:
+        """Check what one field cannot say alone; raise :class:`~clap_ws.errors.ClapError`. Nothing by default."""
 
 
-class _Audio(_Message):
+class _Audio(Message):
+    """Audio options; each falls back to the connection's (``?sample_rate=`` ...). The base64 text is dropped
+    once decoded: only :attr:`buffers` (bytes) is kept, and only until the windows are made (:meth:`release`)."""
+
     sample_rate: Rate | None = None
     channels: StrictInt | None = Field(None, ge=1, le=64)
     normalize: Literal[NORMALIZE_MODES] | None = None  # type: ignore[valid-type]
     long_clip: Literal[LONG_CLIP_MODES] | None = None  # type: ignore[valid-type]
+    _spec: AudioSpec = PrivateAttr(default_factory=AudioSpec)
+    _buffers: list = PrivateAttr(default_factory=list)
+
+    @property
+    def spec(self) -> AudioSpec:
+        return self._spec
+
+    @property
+    def buffers(self) -> list:
+        """The decoded audio buffers (zero or more)."""
+        return self._buffers
+
+    def release(self) -> None:
+        """Forget the audio bytes: the windows made from them are all that waits for the model."""
+        self._buffers = []
+
+    def prepare(self, defaults: ConnectionDefaults) -> None:
+        self._spec = AudioSpec(
+            sample_rate=defaults.spec.sample_rate if self.sample_rate is None else self.sample_rate,
+            channels=self.channels or 1,
+            normalize=self.normalize or defaults.spec.normalize,
+            long_clip=self.long_clip or defaults.spec.long_clip,
+        )
+        check_rate(self._spec.sample_rate)
+        texts = self.__dict__.get("audio_buffers") or []
+        if texts:
+            self._buffers = [_b64(b, f"audio_buffers[{i}]") for i, b in enumerate(texts)]
+            self.__dict__["audio_buffers"] = None
+        elif self.__dict__.get("audio_buffer") is not None:
+            self._buffers = [_b64(self.__dict__["audio_buffer"], "audio_buffer")]
+            self.__dict__["audio_buffer"] = None
 
 
-class _Scoring(_Audio):
+class EmbedRequest(_Audio):
+    """``embed`` (one ``audio_buffer``, or a binary frame: :meth:`from_frame`) with what to compute besides the
+    embedding: prompt similarity, reference cosines, library matches, novelty against an archive."""
+
+    op: Literal["embed"] = "embed"
+    audio_buffer: StrictStr | None = None
     reply: Literal[REPLY_FORMATS] | None = None  # type: ignore[valid-type]
     descriptor: StrictBool = False  # behaviour descriptors on any path, as on /clap-bd
     prompts: list[Text] | None = Field(None, min_length=1)
     probs: StrictBool = False
-    references: Any = None  # (r, 512) numbers, checked by _vectors
+    references: Any = None  # (r, 512) numbers, checked by prepare
     top_k: StrictInt | None = Field(None, ge=1, le=1000)
     library: Name | None = None
     tags: list[Name] | None = None
@@ -223,19 +176,64 @@ class _Scoring(_Audio):
     k: StrictInt = Field(15, ge=1, le=10_000)
     archive_add: StrictBool = False
     ids: list[ItemId] | None = None
+    _references: np.ndarray | None = PrivateAttr(None)
+    _warnings: tuple[str, ...] = PrivateAttr(())
+
+    @classmethod
+    def from_frame(cls, data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:
+        """A binary frame: the samples, with every option from the connection's URL query."""
+        request = cls.model_construct(reply=defaults.reply)
+        request._spec, request._buffers, request._warnings = defaults.spec, [data], defaults.warnings
+        return request
+
+    @property
+    def batch(self) -> bool:
+        return self.op == "embed_batch"
+
+    @property
+    def reference_vectors(self) -> np.ndarray | None:
+        """``references`` as (r, 512) unit rows."""
+        return self._references
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """About the request itself (unknown URL query keys), named in every reply to it."""
+        return self._warnings
+
+    @property
+    def scores(self) -> bool:
+        """Whether anything besides the embedding (and descriptors) is asked for."""
+        return bool(self.prompts or self.references is not None or self.top_k or self.archive)
+
+    def prepare(self, defaults: ConnectionDefaults) -> None:
+        if self.audio_buffer is None and self.op == "embed":
+            raise _rejected(ErrorCode.BAD_REQUEST, "audio_buffer: Field required")
+        super().prepare(defaults)
+        self._references = None if self.references is None else _vectors(self.references, "references")
+        if self.probs and not self.prompts:
+            raise _rejected(ErrorCode.BAD_REQUEST, "probs needs prompts")
+        if self.archive_add and not self.archive:
+            raise _rejected(ErrorCode.BAD_REQUEST, "archive_add needs archive")
+        if self.ids is not None and (not self.archive_add or len(self.ids) != len(self.buffers)):
+            raise _rejected(ErrorCode.BAD_REQUEST, "ids go with archive_add, one per audio buffer")
+        if self.reply is None:
+            self.__dict__["reply"] = defaults.reply
+        if self.reply == "binary" and self.scores:
+            raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for prompts, "
+                            "references, top_k or archive with reply=json")
+        if self.reply == "binary" and self.descriptor:
+            raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for descriptor with "
+                            "reply=json")
 
 
-class _EmbedMessage(_Scoring):
-    op: Literal["embed"] = "embed"
-    audio_buffer: StrictStr
+class EmbedBatchRequest(EmbedRequest):
+    """``embed_batch``: several buffers, one reply with a row each."""
 
-
-class _EmbedBatchMessage(_Scoring):
-    op: Literal["embed_batch"]
+    op: Literal["embed_batch"]  # type: ignore[assignment]
     audio_buffers: list[StrictStr] = Field(min_length=1)
 
 
-class _EmbedTextMessage(_Message):
+class TextRequest(Message):
     op: Literal["embed_text"]
     texts: list[Text] = Field(min_length=1)
 
@@ -246,27 +244,69 @@ class _Item(BaseModel):
     id: StrictInt = Field(ge=0)
 
 
-class _SearchMessage(_Audio):
-    op: Literal["search"]
-    text: Text | None = None
-    audio_buffer: StrictStr | None = None
-    embedding: Any = None
-    item: _Item | None = None  # "more like this": a library item's own embedding, the item left out
+class SearchParams(BaseModel):
+    """How to page and filter search results; the WebSocket ``search`` and the HTTP API share it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     top_k: StrictInt = Field(10, ge=1, le=MAX_TOP_K)
     offset: StrictInt = Field(0, ge=0, le=MAX_OFFSET)
     min_score: StrictFloat | None = Field(None, ge=-1.0, le=1.0)
     min_duration: StrictFloat | None = Field(None, ge=0.0)
     max_duration: StrictFloat | None = Field(None, ge=0.0)
-    alpha: StrictFloat = Field(0.5, ge=0.0, le=1.0)
     tags: list[Name] | None = Field(None, max_length=64)
     library: Name | None = None
 
+    @property
+    def page(self) -> Page:
+        return Page(self.top_k, self.offset, self.min_score)
 
-class _LibrariesMessage(_Message):
+    @property
+    def filters(self) -> Filters:
+        return Filters(tuple(self.tags or ()), self.min_duration, self.max_duration)
+
+    def check_durations(self) -> None:
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
+            raise _rejected(ErrorCode.BAD_REQUEST, "min_duration is larger than max_duration")
+
+
+class SearchRequest(SearchParams, _Audio):
+    """Search libraries by text, audio, an embedding or a library item (text + one of the others blends them),
+    or browse them by filters alone."""
+
+    op: Literal["search"]
+    text: Text | None = None
+    audio_buffer: StrictStr | None = None
+    embedding: Any = None
+    item: _Item | None = None  # "more like this": a library item's own embedding, the item left out
+    alpha: StrictFloat = Field(0.5, ge=0.0, le=1.0)
+    _vector: np.ndarray | None = PrivateAttr(None)
+
+    @property
+    def vector(self) -> np.ndarray | None:
+        """``embedding`` as a (1, 512) unit row."""
+        return self._vector
+
+    @property
+    def item_ref(self) -> tuple[str, int] | None:
+        """``(library, id)`` of ``item``."""
+        return None if self.item is None else (self.item.library, self.item.id)
+
+    def prepare(self, defaults: ConnectionDefaults) -> None:
+        self._vector = None if self.embedding is None else _vectors(self.embedding, "embedding", True)
+        super().prepare(defaults)
+        if len(self.buffers) + (self._vector is not None) + (self.item is not None) > 1:
+            raise _rejected(ErrorCode.BAD_REQUEST, "search takes at most one of audio_buffer, embedding or item "
+                            "(each with text or without)")
+        self.check_durations()
+
+
+class LibrariesRequest(Message):
     op: Literal["libraries"]
 
 
-class _ArchiveMessage(_Audio):
+class ArchiveRequest(_Audio):
+    """``archive_add``, ``novelty`` or ``archive_search``: embeddings, or audio to embed first."""
+
     op: Literal["archive_add", "novelty", "archive_search"]
     archive: Name
     embeddings: Any = None
@@ -276,6 +316,36 @@ class _ArchiveMessage(_Audio):
     ids: list[ItemId] | None = None
     k: StrictInt = Field(15, ge=1, le=10_000)
     top_k: StrictInt = Field(10, ge=1, le=1000)
+    _rows: np.ndarray | None = PrivateAttr(None)
+
+    @property
+    def vectors(self) -> np.ndarray | None:
+        """``embeddings`` (or ``embedding``) as unit rows; None when the request sends audio."""
+        return self._rows
+
+    def prepare(self, defaults: ConnectionDefaults) -> None:
+        super().prepare(defaults)
+        sources = [self.embeddings is not None, self.embedding is not None, bool(self.buffers)]
+        if sum(sources) != 1:
+            raise _rejected(ErrorCode.BAD_REQUEST,
+                            f"{self.op} needs exactly one of embeddings, embedding, audio_buffer or audio_buffers")
+        if self.embeddings is not None:
+            self._rows = _vectors(self.embeddings, "embeddings")
+        elif self.embedding is not None:
+            self._rows = _vectors(self.embedding, "embedding", True)
+        count = len(self._rows) if self._rows is not None else len(self.buffers)
+        if self.ids is not None and (self.op != "archive_add" or len(self.ids) != count):
+            raise _rejected(ErrorCode.BAD_REQUEST, f"ids must be given only with archive_add, one per item ({count})")
+
+
+class ArchiveInfoRequest(Message):
+    op: Literal["archive_info"]
+    archive: Name | None = None
+
+
+class ArchiveDropRequest(Message):
+    op: Literal["archive_drop"]
+    archive: Name
 
 
 class _Triplet(BaseModel):
@@ -285,7 +355,9 @@ class _Triplet(BaseModel):
     negative: ItemId
 
 
-class _ProjectionFitMessage(_Message):
+class ProjectionFitRequest(Message):
+    """Fit behaviour descriptors on a named archive, with optional people's triplets by item id."""
+
     op: Literal["projection_fit"]
     archive: Name
     dims: StrictInt = Field(6, ge=1, le=32)
@@ -296,31 +368,19 @@ class _ProjectionFitMessage(_Message):
     seed: StrictInt = 0
 
 
-class _ProjectionInfoMessage(_Message):
+class ProjectionInfoRequest(Message):
     op: Literal["projection_info"]
 
 
-class _ArchiveInfoMessage(_Message):
-    op: Literal["archive_info"]
-    archive: Name | None = None
-
-
-class _ArchiveDropMessage(_Message):
-    op: Literal["archive_drop"]
-    archive: Name
-
-
-class _InfoMessage(_Message):
+class InfoRequest(Message):
     op: Literal["info"]
 
 
-_SCHEMAS: dict[str, type[_Message]] = {
-            "embed": _EmbedMessage, "embed_batch": _EmbedBatchMessage, "embed_text": _EmbedTextMessage,
-            "search": _SearchMessage, "archive_add": _ArchiveMessage, "novelty": _ArchiveMessage,
-            "archive_search": _ArchiveMessage, "archive_info": _ArchiveInfoMessage,
-            "archive_drop": _ArchiveDropMessage, "info": _InfoMessage, "libraries": _LibrariesMessage,
-            "projection_fit": _ProjectionFitMessage, "projection_info": _ProjectionInfoMessage}
-OPS = tuple(_SCHEMAS)
+REQUESTS: tuple[type[Message], ...] = (
+    EmbedRequest, EmbedBatchRequest, TextRequest, SearchRequest, LibrariesRequest, ArchiveRequest,
+    ArchiveInfoRequest, ArchiveDropRequest, ProjectionFitRequest, ProjectionInfoRequest, InfoRequest)
+OPS: dict[str, type[Message]] = {op: model for model in REQUESTS for op in model.ops()}
+Request = Message
 
 
 def _rejected(code: ErrorCode, message: str) -> RequestError:
@@ -389,7 +449,7 @@ def parse_query(query: str, default_rate: float) -> ConnectionDefaults:
 def parse_binary(data: bytes, defaults: ConnectionDefaults) -> EmbedRequest:
     if defaults.error is not None:
         raise defaults.error
-    return EmbedRequest([data], defaults.spec, defaults.reply, warnings=defaults.warnings)
+    return EmbedRequest.from_frame(data, defaults)
 
 
 def _vectors(value: Any, where: str, single: bool = False) -> np.ndarray:
@@ -409,23 +469,6 @@ def _vectors(value: Any, where: str, single: bool = False) -> np.ndarray:
     if not np.isfinite(array).all() or not np.isfinite(norms).all() or (norms == 0).any():
         raise _rejected(ErrorCode.BAD_REQUEST, f"{where} must be finite, non-zero vectors")
     return array / norms
-
-
-def _spec(msg: _Audio, defaults: ConnectionDefaults) -> AudioSpec:
-    return AudioSpec(
-        sample_rate=defaults.spec.sample_rate if msg.sample_rate is None else msg.sample_rate,
-        channels=msg.channels or 1,
-        normalize=msg.normalize or defaults.spec.normalize,
-        long_clip=msg.long_clip or defaults.spec.long_clip,
-    )
-
-
-def _buffers(msg) -> list[bytes]:
-    if getattr(msg, "audio_buffers", None):
-        return [_b64(b, f"audio_buffers[{i}]") for i, b in enumerate(msg.audio_buffers)]
-    if getattr(msg, "audio_buffer", None) is not None:
-        return [_b64(msg.audio_buffer, "audio_buffer")]
-    return []
 
 
 def _too_many(data: dict, max_items: int) -> None:
@@ -465,94 +508,18 @@ def _echoable(value: Any) -> bool:
         return False
 
 
-def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Request:
+def _validate(data: dict, defaults: ConnectionDefaults, max_items: int) -> Message:
     op = data.get("op", "embed")
-    schema = _SCHEMAS.get(op) if isinstance(op, str) else None
-    if schema is None:
+    model = OPS.get(op) if isinstance(op, str) else None
+    if model is None:
         raise _rejected(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; known: {', '.join(OPS)}")
     _too_many(data, max_items)
     try:
-        msg = schema.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as exc:
         raise _rejected(ErrorCode.BAD_REQUEST, _describe(exc)) from None
-    if isinstance(msg, _InfoMessage):
-        return InfoRequest(msg.id)
-    if isinstance(msg, _LibrariesMessage):
-        return LibrariesRequest(msg.id)
-    if isinstance(msg, _ProjectionInfoMessage):
-        return ProjectionRequest("projection_info", msg.id)
-    if isinstance(msg, _ProjectionFitMessage):
-        return ProjectionRequest("projection_fit", msg.id, msg.archive, msg.dims, msg.method, tuple(msg.hidden),
-                                 tuple((t.anchor, t.positive, t.negative) for t in msg.triplets), msg.epochs, msg.seed)
-    if isinstance(msg, _EmbedTextMessage):
-        return TextRequest(tuple(msg.texts), msg.id)
-    if isinstance(msg, (_ArchiveInfoMessage, _ArchiveDropMessage)):
-        return ArchiveRequest(msg.op, msg.id, msg.archive)
-    assert isinstance(msg, _Audio)  # every other message carries audio options
-    spec = _spec(msg, defaults)
-    check_rate(spec.sample_rate)
-    buffers = _buffers(msg)
-    if isinstance(msg, _SearchMessage):
-        return _search_request(msg, spec, buffers)
-    if isinstance(msg, _ArchiveMessage):
-        return _archive_request(msg, spec, buffers)
-    assert isinstance(msg, _Scoring)  # embed and embed_batch
-    return _embed_request(msg, spec, buffers, defaults.reply)
-
-
-def _search_request(msg: _SearchMessage, spec: AudioSpec, buffers: list[bytes]) -> SearchRequest:
-    embedding = None if msg.embedding is None else _vectors(msg.embedding, "embedding", True)
-    if len(buffers) + (embedding is not None) + (msg.item is not None) > 1:
-        raise _rejected(ErrorCode.BAD_REQUEST, "search takes at most one of audio_buffer, embedding or item "
-                        "(each with text or without)")
-    filters = Filters(tuple(msg.tags or ()), msg.min_duration, msg.max_duration)
-    if msg.min_duration is not None and msg.max_duration is not None and msg.min_duration > msg.max_duration:
-        raise _rejected(ErrorCode.BAD_REQUEST, "min_duration is larger than max_duration")
-    item = None if msg.item is None else (msg.item.library, msg.item.id)
-    return SearchRequest(msg.id, msg.text, buffers, spec, embedding, msg.alpha, msg.library, item,
-                         Page(msg.top_k, msg.offset, msg.min_score), filters)
-
-
-def _archive_request(msg: _ArchiveMessage, spec: AudioSpec, buffers: list[bytes]) -> ArchiveRequest:
-    sources = [msg.embeddings is not None, msg.embedding is not None, bool(buffers)]
-    if sum(sources) != 1:
-        raise _rejected(ErrorCode.BAD_REQUEST,
-                        f"{msg.op} needs exactly one of embeddings, embedding, audio_buffer or audio_buffers")
-    vectors = None
-    if msg.embeddings is not None:
-        vectors = _vectors(msg.embeddings, "embeddings")
-    elif msg.embedding is not None:
-        vectors = _vectors(msg.embedding, "embedding", True)
-    count = len(vectors) if vectors is not None else len(buffers)
-    if msg.ids is not None and (msg.op != "archive_add" or len(msg.ids) != count):
-        raise _rejected(ErrorCode.BAD_REQUEST, f"ids must be given only with archive_add, one per item ({count})")
-    return ArchiveRequest(msg.op, msg.id, msg.archive, vectors, buffers, spec,
-                          None if msg.ids is None else tuple(msg.ids), msg.k, msg.top_k)
-
-
-def _embed_request(msg: _Scoring, spec: AudioSpec, buffers: list[bytes], default_reply: str) -> EmbedRequest:
-    """``embed`` and ``embed_batch``."""
-    scoring = Scoring(
-        prompts=tuple(msg.prompts or ()), probs=msg.probs,
-        references=None if msg.references is None else _vectors(msg.references, "references"),
-        top_k=msg.top_k or 0, library=msg.library, tags=tuple(msg.tags or ()), archive=msg.archive, k=msg.k,
-        archive_add=msg.archive_add, ids=None if msg.ids is None else tuple(msg.ids),
-    )
-    if msg.probs and not msg.prompts:
-        raise _rejected(ErrorCode.BAD_REQUEST, "probs needs prompts")
-    if msg.archive_add and not msg.archive:
-        raise _rejected(ErrorCode.BAD_REQUEST, "archive_add needs archive")
-    if scoring.ids is not None and (not msg.archive_add or len(scoring.ids) != len(buffers)):
-        raise _rejected(ErrorCode.BAD_REQUEST, "ids go with archive_add, one per audio buffer")
-    reply = msg.reply or default_reply
-    if reply == "binary" and scoring.active:
-        raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for prompts, references, "
-                        "top_k or archive with reply=json")
-    if reply == "binary" and msg.descriptor:
-        raise _rejected(ErrorCode.BAD_REQUEST, "binary replies carry embeddings only; ask for descriptor with "
-                        "reply=json")
-    return EmbedRequest(buffers, spec, reply, msg.id, isinstance(msg, _EmbedBatchMessage), scoring,
-                        descriptor=msg.descriptor)
+    request.prepare(defaults)
+    return request
 
 
 # ---- replies --------------------------------------------------------------------

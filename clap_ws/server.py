@@ -44,14 +44,9 @@ from .http import DESCRIPTOR_PATH, HttpApi
 from .model.clap import ClapModel
 from .projection import Projection
 from .protocol import (
-    ArchiveRequest,
     ConnectionDefaults,
-    EmbedRequest,
     InfoRequest,
     LibrariesRequest,
-    ProjectionRequest,
-    SearchRequest,
-    TextRequest,
     error_reply,
     parse_binary,
     parse_query,
@@ -91,22 +86,6 @@ def _settled(reply: tuple[bytes, bool]) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_result(reply)
     return future
-
-
-def op_name(request) -> str:
-    """The op a request is counted under in metrics."""
-    match request:
-        case EmbedRequest():
-            return "embed_batch" if request.batch else "embed"
-        case TextRequest():
-            return "embed_text"
-        case SearchRequest():
-            return "search"
-        case ArchiveRequest() | ProjectionRequest():
-            return request.op
-        case LibrariesRequest():
-            return "libraries"
-    return "info"
 
 
 ERROR_LOG_S = 10.0  # at most one info line per this many seconds summing up error replies
@@ -420,7 +399,7 @@ class ClapServer:
                                                       self.config.max_items)
             else:
                 request = parse_binary(message, defaults)
-            request_id, op = request.id, op_name(request)
+            request_id, op = request.id, request.op  # the op it is counted under in metrics
             work = await self.service.dispatch(request, received, descriptor, client=client)
             reply = asyncio.ensure_future(_guarded(work, request_id, partial(self._counted, op, received)))
             reply.add_done_callback(lambda r: work.cancel() if r.cancelled() else None)  # its client left

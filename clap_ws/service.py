@@ -21,7 +21,6 @@ result instead of running a model call of their own.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import time
@@ -45,12 +44,16 @@ from .metrics import Metrics
 from .model.clap import ClapModel, model_identity
 from .projection import Projection
 from .protocol import (
+    OPS,
+    ArchiveDropRequest,
+    ArchiveInfoRequest,
     ArchiveRequest,
     EmbedRequest,
     InfoRequest,
     LibrariesRequest,
-    ProjectionRequest,
-    Request,
+    Message,
+    ProjectionFitRequest,
+    ProjectionInfoRequest,
     SearchRequest,
     TextRequest,
     embedding_reply,
@@ -104,6 +107,7 @@ class Service:
         self.audio_cache = EmbeddingCache(audio_cache)  # content hash -> (embedding, warnings)
         self._model_key = repr(sorted(model_identity(model).items()))
         self._silence_key = ("silence", self._model_key)  # all-zero windows: one model input, whatever the length
+        self.registry = self._registry()
         self.sounds = Computed(self.audio_cache, "audio")  # content hash -> embedding, warnings
         self.texts = Computed(self.text_cache, "text")  # text -> embedding
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
@@ -144,7 +148,7 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
 
     # ---- dispatch ---------------------------------------------------------------------
-    async def dispatch(self, request: Request, received: float, descriptor: bool = False,
+    async def dispatch(self, request: Message, received: float, descriptor: bool = False,
                        client: Hashable = None) -> asyncio.Task[Reply]:
         """Check ``request`` and queue its work; the returned task yields its reply frame.
 
@@ -161,31 +165,25 @@ class Service:
         """
         return asyncio.ensure_future(await self._prepare(request, received, descriptor, client))
 
-    async def _prepare(self, request: Request, received: float, descriptor: bool,
+    async def _prepare(self, request: Message, received: float, descriptor: bool,
                        client: Hashable) -> Awaitable[Reply]:
-        match request:
-            case EmbedRequest():
-                self.metrics.items.labels("audio").inc(len(request.buffers))
-                return await self._embed(request, received, descriptor, client)
-            case TextRequest():
-                self.metrics.items.labels("text").inc(len(request.texts))
-                return self._embed_text(request, received, client)
-            case SearchRequest():
-                return await self._search(request, client)
-            case ArchiveRequest():
-                return await self._archive(request, client)
-            case InfoRequest():
-                return done(_ok("info", self.describe(), request.id))
-            case LibrariesRequest():
-                return done(_ok("libraries", {"libraries": self.describe_libraries()}, request.id))
-            case ProjectionRequest(op="projection_info"):
-                return done(_ok("projection_info", self.descriptors.info(), request.id))
-            case ProjectionRequest():
-                archive = self.archives.get(request.archive or "")
-                vectors, ids = await self._in_pool(lambda: (archive.index.vectors.copy(), list(archive.ids)))
-                started = self.descriptors.start_fit(vectors, ids, request, archive.name)
-                return done(_ok("projection_fit", {"started": True, **started}, request.id))
-        raise TypeError(f"unhandled request {type(request).__name__}")
+        model, handler = self.registry[request.op]
+        assert isinstance(request, model), (request.op, type(request))
+        return await handler(request, received=received, descriptor=descriptor, client=client)
+
+    def _registry(self) -> dict[str, tuple[type[Message], Callable[..., Awaitable[Awaitable[Reply]]]]]:
+        """Every op: its request model (:mod:`clap_ws.protocol`) and its handler here; adding an op is a model
+        there and a line here. A handler checks what it can now (raising :class:`~clap_ws.errors.ClapError`),
+        queues its work and returns the awaitable reply."""
+        handlers = {
+            "embed": self._embed, "embed_batch": self._embed, "embed_text": self._embed_text,
+            "search": self._search, "libraries": self._libraries, "info": self._info,
+            "archive_add": self._with_vectors(self._archive_add), "novelty": self._with_vectors(self._novelty),
+            "archive_search": self._with_vectors(self._archive_search),
+            "archive_info": self._archive_info, "archive_drop": self._archive_drop,
+            "projection_fit": self._projection_fit, "projection_info": self._projection_info,
+        }
+        return {op: (OPS[op], handler) for op, handler in handlers.items()}
 
     # ---- building blocks (synchronous part) -------------------------------------------
     async def _audio(self, buffers: list, spec: AudioSpec, client: Hashable = None,
@@ -361,17 +359,17 @@ class Service:
         return await self._in_pool(find, self._library(library), query, page, filters, exclude)
 
     # ---- ops ------------------------------------------------------------------------------
-    async def _embed(self, req: EmbedRequest, received: float, descriptor: bool,
+    async def _embed(self, req: EmbedRequest, *, received: float, descriptor: bool,
                      client: Hashable) -> Awaitable[Reply]:
-        sc = req.scoring
-        libraries = self._library(sc.library) if sc.top_k else []
-        if sc.archive and not sc.archive_add:
-            self.archives.get(sc.archive)  # unknown archive: say so now
+        self.metrics.items.labels("audio").inc(len(req.buffers))
+        libraries = self._library(req.library) if req.top_k else []
+        if req.archive and not req.archive_add:
+            self.archives.get(req.archive)  # unknown archive: say so now
         warnings: list[list[str]] = []
         audio = await self._audio(req.buffers, req.spec, client, warnings)
         warnings = [[*req.warnings, *notes] for notes in warnings]
-        req = dataclasses.replace(req, buffers=[])  # the windows are made: the frames need not wait for the reply
-        prompts = self._texts(sc.prompts, client) if sc.prompts else None
+        req.release()  # the windows are made: the frames need not wait for the reply
+        prompts = self._texts(req.prompts, client) if req.prompts else None
 
         async def finish() -> Reply:
             result = await audio
@@ -381,16 +379,17 @@ class Service:
                 extras["cached"] = result.cached
             if prompts is not None:
                 cos = cosine_matrix(emb, await prompts)
-                extras["similarity"] = [dict(zip(sc.prompts, row)) for row in cos.tolist()]
-                if sc.probs:
+                extras["similarity"] = [dict(zip(req.prompts or (), row)) for row in cos.tolist()]
+                if req.probs:
                     p = softmax_probs(cos, self.model.logit_scale)
-                    extras["probs"] = [dict(zip(sc.prompts, row)) for row in p.tolist()]
-            if sc.references is not None:
-                extras["reference_similarity"] = cosine_matrix(emb, sc.references).tolist()
+                    extras["probs"] = [dict(zip(req.prompts or (), row)) for row in p.tolist()]
+            if req.reference_vectors is not None:
+                extras["reference_similarity"] = cosine_matrix(emb, req.reference_vectors).tolist()
             if libraries:
-                extras["matches"] = await self._in_pool(self._search_libraries, libraries, emb, sc.top_k, sc.tags)
-            if sc.archive:
-                extras.update(await self._in_pool(self._novelty_and_add, sc, emb))
+                extras["matches"] = await self._in_pool(self._search_libraries, libraries, emb, req.top_k,
+                                                        req.tags or ())
+            if req.archive:
+                extras.update(await self._in_pool(self._novelty_and_add, req, emb))
             if descriptor or req.descriptor:
                 values, version = self.descriptors.apply(emb)
                 extras["behavior_descriptor"] = values if values is not None else [None] * len(emb)
@@ -402,20 +401,21 @@ class Service:
 
         return finish()
 
-    def _novelty_and_add(self, sc, emb: np.ndarray) -> dict[str, list]:
+    def _novelty_and_add(self, sc: EmbedRequest, emb: np.ndarray) -> dict[str, list]:
         """Novelty against the archive as it was, then (if asked) add these sounds.
 
         Unlike the ``novelty`` op, an archive with fewer than k items gives
         ``null`` novelty here instead of an error, so a loop can seed a new
         archive with the same message it uses every generation.
         """
-        archive = self.archives.get(sc.archive, create=sc.archive_add)
+        archive = self.archives.get(sc.archive or "", create=sc.archive_add)
         novelty = archive.novelty(emb, sc.k) if len(archive) >= sc.k else [None] * len(emb)
         if sc.archive_add:
             archive.add(emb, list(sc.ids) if sc.ids is not None else None)
         return {"novelty": novelty, "archive_count": [len(archive)] * len(emb)}
 
-    def _embed_text(self, req: TextRequest, received: float, client: Hashable) -> Awaitable[Reply]:
+    async def _embed_text(self, req: TextRequest, *, received: float, client: Hashable, **_) -> Awaitable[Reply]:
+        self.metrics.items.labels("text").inc(len(req.texts))
         cached_before = sum(t in self.text_cache for t in set(req.texts))
         gather = self._texts(req.texts, client)
 
@@ -427,67 +427,91 @@ class Service:
 
         return finish()
 
-    async def _search(self, req: SearchRequest, client: Hashable) -> Awaitable[Reply]:
+    async def _search(self, req: SearchRequest, *, client: Hashable, **_) -> Awaitable[Reply]:
         self._library(req.library)  # none loaded, or an unknown name: say so before any model work
-        like = self.item_vector(*req.item) if req.item is not None else None
+        like = self.item_vector(*req.item_ref) if req.item_ref is not None else None
         audio = await self._audio(req.buffers, req.spec, client) if req.buffers else None
         text = self._texts([req.text], client) if req.text else None
-        req = dataclasses.replace(req, buffers=[])
+        req.release()
 
         async def finish() -> Reply:
             sound: np.ndarray | None = (await audio).embeddings[0] if audio is not None else \
-                (req.embedding[0] if req.embedding is not None else like)
+                (req.vector[0] if req.vector is not None else like)
             words = (await text)[0] if text is not None else None
             query: np.ndarray | None
             if words is not None and sound is not None:
                 query = unit(req.alpha * unit(words) + (1 - req.alpha) * unit(sound))
             else:
                 query = words if words is not None else sound
-            page = await self.find(query, req.library, req.page, req.filters, req.item)
+            page = await self.find(query, req.library, req.page, req.filters, req.item_ref)
             return _ok("search", {"matches": page.pop("results"), **page, "model": self.model.identity.name},
                        req.id)
 
         return finish()
 
-    async def _archive(self, req: ArchiveRequest, client: Hashable) -> Awaitable[Reply]:
-        """Archive ops: checks and audio queueing now, then the op's own method on the index thread."""
-        op: Callable[[ArchiveRequest, np.ndarray | None], dict] = getattr(self, "_" + req.op)
-        if req.op in ("novelty", "archive_search"):
-            self._archive_named(req)  # unknown archive: say so before any model work
-        audio = await self._audio(req.buffers, req.spec, client) if req.buffers else None
-        req = dataclasses.replace(req, buffers=[])
+    def _with_vectors(self, work: Callable[[ArchiveRequest, np.ndarray], dict]):
+        """A handler for an archive op on embeddings: unknown archives and audio checked and queued now, then
+        ``work`` on the index thread with the request's vectors (sent, or embedded from its audio)."""
 
-        async def finish() -> Reply:
-            vectors = (await audio).embeddings if audio is not None else req.embeddings
-            return _ok(req.op, await self._in_pool(op, req, vectors), req.id)
+        async def handler(req: ArchiveRequest, *, client: Hashable, **_) -> Awaitable[Reply]:
+            if req.op != "archive_add":
+                self.archives.get(req.archive)  # unknown archive: say so before any model work
+            audio = await self._audio(req.buffers, req.spec, client) if req.buffers else None
+            req.release()
 
-        return finish()
+            async def finish() -> Reply:
+                vectors = (await audio).embeddings if audio is not None else req.vectors
+                return _ok(req.op, await self._in_pool(work, req, vectors), req.id)
 
-    def _archive_named(self, req: ArchiveRequest, create: bool = False):
-        if req.archive is None:
-            raise ClapError(f"{req.op} needs archive", code=ErrorCode.BAD_REQUEST)
-        return self.archives.get(req.archive, create=create)
+            return finish()
+
+        return handler
 
     def _archive_add(self, req: ArchiveRequest, vectors: np.ndarray) -> dict:
-        archive = self._archive_named(req, create=True)
+        archive = self.archives.get(req.archive, create=True)
         archive.add(vectors, list(req.ids) if req.ids is not None else None)
         return {"archive": archive.name, "added": len(vectors), "count": len(archive)}
 
     def _novelty(self, req: ArchiveRequest, vectors: np.ndarray) -> dict:
-        archive = self._archive_named(req)
+        archive = self.archives.get(req.archive)
         return {"archive": archive.name, "k": req.k, "novelty": archive.novelty(vectors, req.k), "count": len(archive)}
 
     def _archive_search(self, req: ArchiveRequest, vectors: np.ndarray) -> dict:
-        archive = self._archive_named(req)
+        archive = self.archives.get(req.archive)
         return {"archive": archive.name, "matches": archive.search(vectors, req.top_k), "count": len(archive)}
 
-    def _archive_info(self, req: ArchiveRequest, vectors: None = None) -> dict:
-        if req.archive:
-            return self.archives.get(req.archive).describe()
-        return {"archives": [self.archives.get(n).describe() for n in self.archives.names()]}
+    async def _archive_info(self, req: ArchiveInfoRequest, **_) -> Awaitable[Reply]:
+        def describe() -> dict:
+            if req.archive:
+                return self.archives.get(req.archive).describe()
+            return {"archives": [self.archives.get(n).describe() for n in self.archives.names()]}
 
-    def _archive_drop(self, req: ArchiveRequest, vectors: None = None) -> dict:
-        return {"archive": req.archive, "dropped": self.archives.drop(self._archive_named(req).name)}
+        return self._on_index_thread(req, describe)
+
+    async def _archive_drop(self, req: ArchiveDropRequest, **_) -> Awaitable[Reply]:
+        return self._on_index_thread(req, lambda: {"archive": req.archive, "dropped": self.archives.drop(
+            self.archives.get(req.archive).name)})
+
+    def _on_index_thread(self, req: Message, work: Callable[[], dict]) -> Awaitable[Reply]:
+        async def finish() -> Reply:
+            return _ok(req.op, await self._in_pool(work), req.id)
+
+        return finish()
+
+    async def _info(self, req: InfoRequest, **_) -> Awaitable[Reply]:
+        return done(_ok("info", self.describe(), req.id))
+
+    async def _libraries(self, req: LibrariesRequest, **_) -> Awaitable[Reply]:
+        return done(_ok("libraries", {"libraries": self.describe_libraries()}, req.id))
+
+    async def _projection_info(self, req: ProjectionInfoRequest, **_) -> Awaitable[Reply]:
+        return done(_ok("projection_info", self.descriptors.info(), req.id))
+
+    async def _projection_fit(self, req: ProjectionFitRequest, **_) -> Awaitable[Reply]:
+        archive = self.archives.get(req.archive)
+        vectors, ids = await self._in_pool(lambda: (archive.index.vectors.copy(), list(archive.ids)))
+        started = self.descriptors.start_fit(vectors, ids, req, archive.name)
+        return done(_ok("projection_fit", {"started": True, **started}, req.id))
 
     # ---- introspection --------------------------------------------------------------------
     def describe(self) -> dict:

@@ -90,16 +90,16 @@ def test_errors_echo_the_id_when_one_can_be_read():
 
 def test_embedding_reply_shapes():
     emb = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
-    one = EmbedRequest([b""], DEFAULTS.spec, id=4)
+    one = parse_text(json.dumps({"audio_buffer": "", "id": 4}), DEFAULTS, 8)
     body, text = embedding_reply(one, emb[:1], model="untrained", seconds=0.01, queue_ms=1, model_ms=5)
     reply = json.loads(body)
     assert text and reply["status"] == "OK" and reply["type"] == "clap" and reply["model"] == "untrained"
     assert reply["embedding"] == reply["features"] and len(reply["embedding"]) == 512
     np.testing.assert_allclose(reply["embedding"], emb[0], rtol=1e-6)
     assert reply["id"] == 4 and reply["extraction_time_ms"] == pytest.approx(10)
-    batch = EmbedRequest([b"", b""], DEFAULTS.spec, batch=True)
+    batch = parse_text(json.dumps({"op": "embed_batch", "audio_buffers": ["", ""]}), DEFAULTS, 8)
     assert json.loads(embedding_reply(batch, emb, model="m", seconds=0, queue_ms=0, model_ms=0)[0])["count"] == 2
-    raw, text = embedding_reply(EmbedRequest([b""], DEFAULTS.spec, reply="binary"), emb[:1], model="m",
+    raw, text = embedding_reply(parse_binary(b"", parse_query("reply=binary", 48000)), emb[:1], model="m",
                                 seconds=0, queue_ms=0, model_ms=0)
     assert not text and np.array_equal(np.frombuffer(raw, "<f4"), emb[0])
 
@@ -110,3 +110,23 @@ def test_protocol_md_lists_exactly_the_error_codes():
     listed = {code for row in re.findall(r"^\| (`[a-z0-9_]+`(?: / `[a-z0-9_]+`)*) \|", table, re.M)
               for code in re.findall(r"`([a-z0-9_]+)`", row)}
     assert listed == {code.value for code in ErrorCode}
+
+
+def test_one_registry_every_op_one_model_and_one_handler(model):
+    """An op is its request model (protocol.OPS, from the model's ``op`` Literal) and one handler (Service.registry):
+    neither can be added without the other, and the HTTP search parameters are the WebSocket search's own."""
+    from clap_ws.http import HttpSearch, HttpSimilar
+    from clap_ws.protocol import OPS, SearchParams, SearchRequest
+    from clap_ws.service import Service
+
+    service = Service(model, warm_up=False)
+    try:
+        assert set(service.registry) == set(OPS)
+        for op, (request_model, handler) in service.registry.items():
+            assert request_model is OPS[op] and op in request_model.ops() and callable(handler)
+    finally:
+        service.close()
+    assert issubclass(SearchRequest, SearchParams) and issubclass(HttpSearch, SearchParams)
+    assert issubclass(HttpSimilar, SearchParams)
+    assert set(OPS) == {"embed", "embed_batch", "embed_text", "search", "libraries", "archive_add", "novelty",
+                        "archive_search", "archive_info", "archive_drop", "projection_fit", "projection_info", "info"}
