@@ -21,6 +21,7 @@ result instead of running a model call of their own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -107,7 +108,6 @@ class Service:
         self.audio_cache = EmbeddingCache(audio_cache)  # content hash -> (embedding, warnings)
         self._model_key = repr(sorted(model_identity(model).items()))
         self._silence_key = ("silence", self._model_key)  # all-zero windows: one model input, whatever the length
-        self.registry = self._registry()
         self.sounds = Computed(self.audio_cache, "audio")  # content hash -> embedding, warnings
         self.texts = Computed(self.text_cache, "text")  # text -> embedding
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
@@ -171,7 +171,8 @@ class Service:
         assert isinstance(request, model), (request.op, type(request))
         return await handler(request, received=received, descriptor=descriptor, client=client)
 
-    def _registry(self) -> dict[str, tuple[type[Message], Callable[..., Awaitable[Awaitable[Reply]]]]]:
+    @functools.cached_property
+    def registry(self) -> dict[str, tuple[type[Message], Callable[..., Awaitable[Awaitable[Reply]]]]]:
         """Every op: its request model (:mod:`clap_ws.protocol`) and its handler here; adding an op is a model
         there and a line here. A handler checks what it can now (raising :class:`~clap_ws.errors.ClapError`),
         queues its work and returns the awaitable reply."""
