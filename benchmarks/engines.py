@@ -57,17 +57,16 @@ def export(folder: Path, windows: int) -> dict:
     from clap_ws.constants import WINDOW_SAMPLES
     from clap_ws.model import ClapModel
     from clap_ws.model.openvino_audio import export_onnx
-    from clap_ws.model.towers import AudioBody, log_mel, unpack_linears
+    from clap_ws.model.towers import AudioBody, FrontEnd
 
     model = ClapModel.untrained(precision="fp32")  # this process builds and runs it: one OpenMP pool
-    unpack_linears(model.net)  # packed linears are oneDNN calls that ONNX has no name for
     t = np.arange(WINDOW_SAMPLES) / 48000
     chirps = [0.4 * np.sin(2 * np.pi * ((100 + 50 * i) * t + 300 * t * t)) for i in range(windows)]
     with torch.inference_mode():
-        mel = log_mel(model.net.audio_branch, torch.from_numpy(np.stack(chirps).astype(np.float32))).float()
+        mel = FrontEnd(model.net.audio_branch)(torch.from_numpy(np.stack(chirps).astype(np.float32))).float()
     np.save(folder / "mel.npy", mel.numpy())
     started = time.perf_counter()
-    export_onnx(AudioBody(model.net), mel.clone(), folder / "audio.onnx")
+    export_onnx(AudioBody.of(model.net), mel.clone(), folder / "audio.onnx")  # unpacked: ONNX knows no packed ops
     return {"export_s": time.perf_counter() - started}
 
 
@@ -104,10 +103,9 @@ def run_engine(engine: str, folder: Path, iterations: int) -> dict:
     import torch
 
     from clap_ws.model import ClapModel
-    from clap_ws.model.towers import AudioBody
 
     model = ClapModel.untrained(precision=engine.split()[1])
-    body = AudioBody(model.net)
+    body = model.audio_body
     x = torch.from_numpy(mel).to(model.net.audio_branch.bn0.weight.dtype)
 
     def call():

@@ -22,7 +22,6 @@ from websockets.asyncio.server import serve
 from clap_ws.audio import AudioSpec, load, windows
 from clap_ws.cli import add_model_options, model_from_args
 from clap_ws.inference import AudioJob, Inference
-from clap_ws.model.towers import unpack_linears
 
 
 async def main() -> None:
@@ -31,8 +30,7 @@ async def main() -> None:
     add_model_options(parser)
     args = parser.parse_args()
     args.precision = "fp32"
-    model = model_from_args(args)
-    unpack_linears(model.net)
+    model = model_from_args(args).variant(pack=False)  # plain linears, as a general server runs them
     infer = Inference(model)
 
     async def handler(ws):

@@ -115,15 +115,67 @@ def b64(x) -> str:
 
 
 # ---- servers and clients -------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def running_server(model: ClapModel, *, libraries=(), archives=None, projection=None, **options):
-    server = ClapServer(model, ServerConfig(port=0, **options), libraries=libraries, archives=archives,
-                        projection=projection)
-    await server.start()
+REPLY_TIMEOUT = 120  # seconds: a test waiting longer has found a lost reply
+
+
+class ThreadedServer:
+    """The one way the tests run a ClapServer in-process: on its own event loop in a background thread, on
+    127.0.0.1 with an OS-chosen port, so clients in the test (sync or async) load it as separate processes
+    would. Processes (the CLI, replicas) are :class:`Served`."""
+
+    def __init__(self, model: ClapModel, *, libraries=(), archives=None, projection=None, **options):
+        self.server = ClapServer(model, ServerConfig(port=0, **options), libraries=libraries, archives=archives,
+                                 projection=projection)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self.server.start())
+            except BaseException as exc:  # noqa: BLE001 - reported to the test below
+                failed.append(exc)
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="test-server", daemon=True)
+        self.thread.start()
+        assert started.wait(REPLY_TIMEOUT)
+        if failed:
+            raise failed[0]
+        self.port = self.server.port
+        self.url = f"ws://127.0.0.1:{self.port}/clap"
+
+    def call(self, fn):
+        """Run the coroutine function ``fn`` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(REPLY_TIMEOUT)
+
+    def stop(self):
+        self.call(self.server.shutdown)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@contextlib.contextmanager
+def threaded(model: ClapModel, **options):
+    srv = ThreadedServer(model, **options)
     try:
-        yield server
+        yield srv
     finally:
-        await server.shutdown()
+        srv.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_server(model: ClapModel, **options):
+    """:class:`ThreadedServer` for async tests: yields its :class:`ClapServer` (``port``, ``service``, ...)."""
+    srv = await asyncio.to_thread(ThreadedServer, model, **options)
+    try:
+        yield srv.server
+    finally:
+        await asyncio.to_thread(srv.stop)
 
 
 def url(server, path: str = "/clap", query: str = "") -> str:
@@ -132,9 +184,6 @@ def url(server, path: str = "/clap", query: str = "") -> str:
 
 def connect(server, path: str = "/clap", query: str = "", **kw):
     return websockets.connect(url(server, path, query), max_size=None, **kw)
-
-
-REPLY_TIMEOUT = 120  # seconds: a test waiting longer has found a lost reply
 
 
 async def ask(ws, message) -> dict:

@@ -22,14 +22,19 @@ from clap_ws.model.checkpoint import (
     read_checkpoint,
     sha256_of,
 )
-from clap_ws.model.roberta import serve_roberta
-from clap_ws.model.swin import serve_swin
+from clap_ws.model.roberta import Roberta
+from clap_ws.model.tokenizer import tokenize
 from clap_ws.model.towers import (
+    AudioBody,
+    AudioTower,
+    FrontEnd,
+    PackedLinear,
+    TextTower,
     can_pack_linears,
     chunk_sizes,
     fusion_mel,
+    own_copy,
     pack_linears,
-    unpack_linears,
 )
 
 
@@ -195,7 +200,7 @@ def test_the_gpus_autocast_path_stays_close_to_fp32_on_a_cpu(fp32_model, precisi
     mixed = fresh.variant(precision=precision, autocast=True)
     assert mixed.autocast and not fp32_model.autocast  # a CPU's default: cast once
     assert {p.dtype for p in mixed.net.parameters()} == {torch.float32}  # not cast: autocast casts per call
-    assert not any("forward" in vars(m) for m in mixed.net.modules() if type(m) is torch.nn.Linear)  # not packed
+    assert not any(isinstance(m, PackedLinear) for m in mixed._text.modules())  # not packed
     assert_embeddings_close(mixed, fp32_model)
     loud = tone(seconds=2, amp=1.0)
     a, b = (CLAPExtractor(model=m).extract_embedding(loud) for m in (mixed, fp32_model))
@@ -214,14 +219,14 @@ def test_cuda_stays_close_to_fp32_on_the_cpu(fp32_model, precision):
     assert_embeddings_close(gpu, fp32_model)
 
 
-def laion_swin_forwards(branch):
-    """Undo :func:`serve_swin` on ``branch``: laion-clap's own forwards, which read the weights afresh each call."""
-    vars(branch).pop("forward_features")
-    for stage in branch.layers:
-        vars(stage).pop("forward")
-        for block in stage.blocks:
-            vars(block).pop("forward")
-            vars(block.attn).pop("forward")
+def laion_audio(model: ClapModel, windows: np.ndarray) -> np.ndarray:
+    """laion-clap's own HTSAT forward and projection on the model's network (clap-ws never changes its modules)."""
+    net, w = model.net, torch.from_numpy(np.ascontiguousarray(windows))
+    batch = {"waveform": w}
+    if model.architecture.fusion:
+        batch.update(longer=torch.zeros(len(w), dtype=torch.bool), mel_fusion=fusion_mel(w, net.audio_cfg))
+    with torch.inference_mode():
+        return net.audio_projection(net.audio_branch(batch, mixup_lambda=None, device=w.device)["embedding"]).numpy()
 
 
 @pytest.mark.parametrize("architecture", [Architecture("HTSAT-tiny"), Architecture("HTSAT-tiny", "aff_2d")],
@@ -235,19 +240,12 @@ def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights(architect
     windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=3), tone(330.0, seconds=10),
                         chirp(2000.0, 50.0, seconds=10)])
 
-    def laion_clap():
-        laion_swin_forwards(branch)
-        try:
-            return model.embed_windows(windows)
-        finally:
-            assert serve_swin(branch)
-
     def assert_same(ours, ours_one, theirs):
         for a, b in zip(ours, theirs):
             assert cosine(a, b) >= 0.99999
         assert cosine(ours_one[0], theirs[2]) >= 0.99999
 
-    theirs = laion_clap()
+    theirs = laion_audio(model, windows)
     before = model.embed_windows(windows)  # this also caches the attention biases
     assert_same(before, model.embed_windows(windows[2:3]), theirs)
     with torch.no_grad():  # what load_state_dict does to a loaded network: the same tensors, new values
@@ -255,60 +253,64 @@ def test_swin_serving_forwards_match_laion_clap_and_follow_new_weights(architect
             for block in stage.blocks:
                 block.attn.relative_position_bias_table.mul_(100.0)
     after, after_one = model.embed_windows(windows), model.embed_windows(windows[2:3])
-    assert_same(after, after_one, laion_clap())
+    assert_same(after, after_one, laion_audio(model, windows))
     # the change moved the output 10x further than the tolerance above, so stale biases would fail it
     assert min(cosine(a, b) for a, b in zip(before, after)) < 0.9999
+    assert "forward" not in vars(branch) and "forward_features" not in vars(branch)  # laion-clap's modules as they were
 
 
 @pytest.mark.cpu_class
 def test_roberta_serving_forward_matches_transformers(model):
     """clap_ws.model.roberta against transformers' own RobertaModel forward on the same weights (the served
     precision; one text, and texts of different lengths padded together); other modules are left alone."""
-    branch = model.net.text_branch
+    net = model.net
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack and a bright shimmering tail"]
     ours, ours_one = model.embed_text(texts), model.embed_text(texts[:1])
-    forward = vars(branch).pop("forward")
-    try:
-        theirs, theirs_one = model.embed_text(texts), model.embed_text(texts[:1])
-    finally:
-        branch.forward = forward
+
+    def transformers(batch):
+        tokens = tokenize(model.tokenizer, batch)
+        with torch.inference_mode():
+            raw = net.text_projection(net.text_branch(input_ids=tokens["input_ids"],
+                                                      attention_mask=tokens["attention_mask"])["pooler_output"])
+        return torch.nn.functional.normalize(raw.float(), dim=-1).numpy()
+
+    theirs, theirs_one = transformers(texts), transformers(texts[:1])
     for a, b in zip(ours, theirs):
         assert cosine(a, b) >= 0.9999
     assert cosine(ours_one[0], theirs_one[0]) >= 0.9999
     assert cosine(ours_one[0], ours[0]) >= 0.999  # padding the batch does not change a text
-    linear = torch.nn.Linear(4, 4)
-    assert serve_roberta(linear) is False and "forward" not in vars(linear)
-
-
-def packed(module):
-    """For each ``Linear`` in ``module``: whether :func:`pack_linears` gave it a packed forward."""
-    return ["forward" in vars(m) for m in module.modules() if type(m) is torch.nn.Linear]
+    assert Roberta.can_serve(net.text_branch) and not Roberta.can_serve(torch.nn.Linear(4, 4))
+    assert "forward" not in vars(net.text_branch)  # transformers' module as it was
 
 
 @pytest.mark.parametrize("name", ["model", "fp32_model"])
 def test_cpu_linears_are_packed_once_and_match_plain(name, request):
+    """Each model packs the linears of its own towers; laion-clap's modules and other models are untouched."""
     model = request.getfixturevalue(name)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[model.precision]
     if not can_pack_linears(model.device, dtype):
         pytest.skip("packing is for fp32, and for bf16 where oneDNN has native bf16, on a CPU")
-    net = model.net
-    fresh = model.variant()
-    text, audio = [net.text_branch, net.text_projection], [net.audio_branch, net.audio_projection]
-    assert len(packed(net.text_branch)) == 73 and all(all(packed(m)) for m in text)  # 12 layers x 6, pooler
-    assert all(packed(m) and all(packed(m)) for m in audio)
-    assert pack_linears(net.text_branch) == 0  # already packed
+    text_packed = [m for m in model._text.modules() if isinstance(m, PackedLinear)]
+    assert len(text_packed) == 75  # 12 layers x 6, the pooler, the projection's two
+    assert not any(type(m) is torch.nn.Linear for tower in (model._text, model._audio) for m in tower.modules())
+    assert any(isinstance(m, PackedLinear) for m in model._audio.modules())
+    assert not any(isinstance(m, PackedLinear) for m in model.net.modules())  # the network's own modules
+    assert pack_linears(model._text) == 0  # already packed
+    variant = model.variant()
+    assert not set(map(id, variant._text.modules())) & set(map(id, model._text.modules()))  # modules of its own
     texts = ["a warm bell", "noise", "a long sweeping synth pad with slow attack"]
     windows = np.stack([chirp(seconds=10), noise(seconds=10, seed=5)])
-    fast = fresh.embed_text(texts), fresh.embed_windows(windows)
-    for m in text + audio:
-        unpack_linears(m)
-    assert not any(packed(net))
-    try:
-        plain = fresh.embed_text(texts), fresh.embed_windows(windows)
-    finally:  # packed again, as the shared fixture was
-        model.variant()
+    fast = model.embed_text(texts), model.embed_windows(windows)
+    own = own_copy(model.net)  # the same towers, unpacked
+    text = TextTower(own.text_branch, own.text_projection)
+    audio = AudioTower(FrontEnd(own.audio_branch, dtype), AudioBody(own.audio_branch, own.audio_projection), False,
+                       own.audio_cfg)
+    with torch.inference_mode():
+        tokens = tokenize(model.tokenizer, texts)
+        plain = (torch.nn.functional.normalize(text(tokens["input_ids"], tokens["attention_mask"]).float(), dim=-1),
+                 audio(torch.from_numpy(windows)).float())
     for fast_rows, plain_rows in zip(fast, plain):
-        for x, y in zip(fast_rows, plain_rows):
+        for x, y in zip(fast_rows, plain_rows.numpy()):
             assert cosine(x, y) >= 0.9999
 
 
@@ -345,12 +347,9 @@ def test_many_texts_go_through_in_chunks_with_the_same_result(model, monkeypatch
 @pytest.mark.slow
 def test_compiled_model_matches_eager(model):
     """--compile: both towers compiled (one audio chunk shape here; ~2 min on 2 cores) match eager."""
-    # on a network of its own: compiling unpacks the linears, and later tests' servers share ``model``'s network
-    before = packed(model.net)
-    fresh = ClapModel.untrained(model.architecture, seed=0, precision=model.precision)
-    compiled = fresh.variant(chunk=1, compile=True)
-    assert not any(packed(fresh.net))  # Inductor packs weights itself; it must not trace ours
-    assert packed(model.net) == before
+    compiled = model.variant(chunk=1, compile=True)  # modules of its own over the same weights
+    assert not any(isinstance(m, PackedLinear) for m in compiled._text.modules())  # Inductor packs by itself
+    assert any(isinstance(m, PackedLinear) for m in model._text.modules())  # the eager model keeps its own
     compiled.warm_up()
     assert compiled.describe()["compiled"] is True and model.describe()["compiled"] is False
     clips = [tone(seconds=2), chirp(seconds=10), noise(seconds=15, seed=4)]

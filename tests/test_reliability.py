@@ -24,54 +24,15 @@ import urllib.request
 import numpy as np
 import pytest
 import websockets
-from helpers import ROOT, b64, noise, tone
+from helpers import ROOT, ThreadedServer, b64, noise, threaded, tone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect as sync_connect
 
 from clap_ws.errors import ClapError, ErrorCode
-from clap_ws.server import ClapServer, ServerConfig
 
 DOCUMENTED_CODES = {code.value for code in ErrorCode} - {ErrorCode.MODEL_ERROR.value}  # start-up only
 TIMEOUT = 120
-
-
-class ThreadedServer:
-    """A ClapServer on its own loop in a background thread."""
-
-    def __init__(self, model, **options):
-        self.server = ClapServer(model, ServerConfig(port=0, **options))
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.server.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, name="test-server", daemon=True)
-        self.thread.start()
-        assert started.wait(120)
-        self.port = self.server.port
-        self.url = f"ws://127.0.0.1:{self.port}/clap"
-
-    def call(self, fn):
-        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(TIMEOUT)
-
-    def stop(self):
-        self.call(self.server.shutdown)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-
-@contextlib.contextmanager
-def threaded(model, **options):
-    srv = ThreadedServer(model, **options)
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def rss_mb() -> float:

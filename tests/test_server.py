@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 import websockets
-from helpers import ask, b64, chirp, connect, cosine, noise, running_server, tone, url
+from helpers import ask, b64, chirp, connect, cosine, noise, running_server, threaded, tone, url
 
 from clap_ws.errors import ErrorCode
 from clap_ws.extractor import CLAPExtractor
@@ -418,19 +418,25 @@ async def test_admission_counts_windows_not_requests(model):
     assert fits["status"] == "OK" and server.batcher.load == 0
 
 
-async def test_failed_accepts_are_logged_once_per_interval(model, caplog):
+def test_failed_accepts_are_logged_once_per_interval(model, caplog):
     """Out of descriptors, asyncio retries every accept: 38,798 log lines in one probe; now one per 10 s."""
-    async with running_server(model) as server:
+    from websockets.sync.client import connect as sync_connect
+
+    async def out_of_descriptors():  # what asyncio's accept loop reports, on the server's own loop
         loop = asyncio.get_running_loop()
+        for _ in range(500):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(24, "Too many open files")})
+        loop.call_exception_handler({"message": "something else entirely"})
+
+    with threaded(model) as srv:
         with caplog.at_level(logging.ERROR):
-            for _ in range(500):
-                loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                             "exception": OSError(24, "Too many open files")})
-            loop.call_exception_handler({"message": "something else entirely"})
-        assert server.accept_failures == 500
+            srv.call(out_of_descriptors)
+        assert srv.server.accept_failures == 500
         accepts = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
         assert len(accepts) == 1 and "Too many open files" in accepts[0].getMessage()
         assert any("something else entirely" in r.getMessage() for r in caplog.records)  # others pass through
-        async with connect(server) as ws:
-            assert (await ask(ws, {"op": "info"}))["status"] == "OK"
+        with sync_connect(srv.url) as ws:
+            ws.send(json.dumps({"op": "info"}))
+            assert json.loads(ws.recv(timeout=60))["status"] == "OK"
 

@@ -74,20 +74,18 @@ from .checkpoint import (
     sha256_of,
 )
 from .openvino_audio import OpenVinoAudio
-from .roberta import serve_roberta
-from .swin import serve_swin
+from .swin import is_swin
 from .tokenizer import byte_level_tokenizer, tokenize
 from .towers import (
+    AudioBody,
     AudioTower,
+    FrontEnd,
     TextTower,
     can_pack_linears,
     cast_weights,
     chunk_sizes,
-    fft_stft,
-    fp32_forward,
-    log_mel,
+    own_copy,
     pack_linears,
-    unpack_linears,
 )
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -154,9 +152,12 @@ class ClapModel:
     compile: bool = False
     engine: str = "torch"  # or "openvino": the audio encoder compiled by OpenVINO (CPU)
     autocast: bool | None = None  # reduced precision under autocast; None: on GPUs (a CPU casts weights once)
+    pack: bool = True  # lay linears out once for oneDNN where that pays (a CPU); False: plain, for baselines
     _autocast: Callable[[], contextlib.AbstractContextManager] = field(init=False, repr=False)
     _openvino: OpenVinoAudio | None = field(init=False, repr=False, default=None)
     _audio: Callable[..., torch.Tensor] = field(init=False, repr=False)
+    _front_end: FrontEnd = field(init=False, repr=False)
+    _body: AudioBody = field(init=False, repr=False)
     _text: Callable[..., torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -168,31 +169,31 @@ class ClapModel:
         if self.autocast is None:
             self.autocast = self.device.type != "cpu"
         self._logit_scale = float(self.net.logit_scale_a.detach().float().exp())
-        branch = self.net.audio_branch
-        if hasattr(branch, "spectrogram_extractor"):
-            fft_stft(branch.spectrogram_extractor.stft)
-        serve_swin(branch)
-        serve_roberta(self.net.text_branch)
-        self._autocast = contextlib.nullcontext
-        if self.engine == "openvino":
+        if not is_swin(self.net.audio_branch):
+            raise ModelError("clap-ws serves HTSAT audio encoders only (the network has no Swin layers)")
+        if self.engine == "openvino":  # exported from the fp32 weights, before any cast; its own precision hint
+            body = AudioBody.of(self.net)
             with torch.inference_mode():
-                mel = log_mel(branch, torch.zeros(1, WINDOW_SAMPLES, device=self.device))
-            self._openvino = OpenVinoAudio(self.net, (mel.shape[2], mel.shape[3]), self.precision, self.chunk,
+                mel = FrontEnd(self.net.audio_branch)(torch.zeros(1, WINDOW_SAMPLES, device=self.device))
+            self._openvino = OpenVinoAudio(body, (mel.shape[2], mel.shape[3]), self.precision, self.chunk,
                                            torch.get_num_threads())
         dtype = _DTYPES[self.precision]
-        if self.precision != "fp32" and not self.autocast:
+        cast = self.precision != "fp32" and not self.autocast
+        if cast:  # the weights, once (under autocast they stay fp32 and each call casts)
             cast_weights(self.net, dtype)
-        elif self.precision != "fp32":
+        self._autocast = contextlib.nullcontext
+        if self.precision != "fp32" and self.autocast:
             self._autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype)
-            for name in ("spectrogram_extractor", "logmel_extractor"):
-                if hasattr(branch, name):
-                    fp32_forward(getattr(branch, name))
-        if not self.compile and not self.autocast and can_pack_linears(self.device, dtype):
-            audio = () if self._openvino else (self.net.audio_branch, self.net.audio_projection)
-            for part in (self.net.text_branch, self.net.text_projection, *audio):
-                pack_linears(part)
-        self._audio = AudioTower(self.net, self.architecture.fusion)
-        self._text = TextTower(self.net)
+        own: Any = own_copy(self.net)  # this model's modules over the network's weights (towers.own_copy)
+        self._front_end = FrontEnd(own.audio_branch, dtype if cast else None)
+        body = AudioBody(own.audio_branch, own.audio_projection)
+        self._audio = AudioTower(self._front_end, body, self.architecture.fusion, self.net.audio_cfg)
+        self._text = TextTower(own.text_branch, own.text_projection)
+        self._body = body
+        if self.pack and not self.compile and not self.autocast and can_pack_linears(self.device, dtype):
+            pack_linears(self._text)
+            if self._openvino is None:
+                pack_linears(self._audio)
         if self.compile:
             if self.architecture.fusion:
                 raise ModelError("compile supports non-fusion checkpoints only (the fusion branch "
@@ -218,12 +219,11 @@ class ClapModel:
     def variant(self, **changes) -> ClapModel:
         """Another model over this one's network with some options changed (``tokenizer``, ``chunk``, ...).
 
-        The network is shared, not copied, so the two models must not run at
-        the same time with different layouts: the network's linears are
-        unpacked first and laid out again for the variant. A network already
-        cast to bf16 stays bf16 whatever the variant's precision says.
+        The weights are shared, not copied; each model adapts modules of its
+        own (:func:`~clap_ws.model.towers.own_copy`), so the two never see
+        each other's layout. A network already cast to bf16 stays bf16 whatever
+        the variant's precision says.
         """
-        unpack_linears(self.net)
         return dataclasses.replace(self, **changes)
 
     @staticmethod
@@ -299,7 +299,7 @@ class ClapModel:
         waveform = waveform.to(self.device, non_blocking=True)
         with self._autocast():
             if self._openvino is not None:
-                return self._openvino(log_mel(self.net.audio_branch, waveform))
+                return self._openvino(self._front_end(waveform))
             return self._audio(waveform).float().cpu().numpy()
 
     @torch.inference_mode()
@@ -320,6 +320,11 @@ class ClapModel:
                 raw = self._text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
             out.append(torch.nn.functional.normalize(raw.float(), dim=-1).cpu().numpy())
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    @property
+    def audio_body(self) -> AudioBody:
+        """The audio tower after its front end, as this model runs it (for engine benchmarks)."""
+        return self._body
 
     @property
     def logit_scale(self) -> float:

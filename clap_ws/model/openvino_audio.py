@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
-from .towers import AudioBody
 
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _NEEDS = ("openvino", "onnx", "onnxscript")  # onnx and onnxscript: torch.onnx's exporter
@@ -57,13 +56,13 @@ def openvino_version() -> str | None:
 
 
 class OpenVinoAudio:
-    """:class:`~clap_ws.model.towers.AudioBody` of ``net`` compiled by OpenVINO per power-of-two call size to ``chunk``.
+    """An :class:`~clap_ws.model.towers.AudioBody` compiled by OpenVINO per power-of-two call size to ``chunk``.
 
-    ``net`` must be in eval mode and fp32, with clap-ws's Swin forwards
-    (:func:`clap_ws.model.swin.serve_swin`). Call from one thread at a time.
+    ``body`` must be in eval mode, fp32 and unpacked (:meth:`AudioBody.of
+    <clap_ws.model.towers.AudioBody.of>`). Call from one thread at a time.
     """
 
-    def __init__(self, net: torch.nn.Module, mel_shape: tuple[int, int], precision: str, chunk: int, threads: int):
+    def __init__(self, body: torch.nn.Module, mel_shape: tuple[int, int], precision: str, chunk: int, threads: int):
         missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
         if missing:
             raise ModelError(f"--engine openvino needs {', '.join(missing)}: pip install 'clap-ws[openvino]'")
@@ -78,7 +77,7 @@ class OpenVinoAudio:
         self._requests = {}
         with tempfile.TemporaryDirectory(prefix="clap-ws-openvino-") as folder:
             path = Path(folder) / "audio.onnx"
-            export_onnx(AudioBody(net), torch.zeros(2, 1, frames, bins), path)
+            export_onnx(body, torch.zeros(2, 1, frames, bins), path)
             exported = core.read_model(str(path))
             size = 1
             while size <= chunk:

@@ -1,13 +1,14 @@
-"""laion-clap's network, adapted for serving without changing its numbers.
+"""laion-clap's network, adapted for serving without changing its numbers or its modules.
 
-* :func:`fft_stft` - the spectrogram as an FFT instead of two 1024x513
-  convolutions (checked against the checkpoint's frozen kernels);
-* :func:`cast_weights` / :func:`fp32_forward` - reduced precision with the
-  spectrogram front end kept in fp32;
-* :func:`pack_linears` / :func:`unpack_linears` - weights laid out once for
+* :func:`own_copy` - a model's own module tree over the network's weights,
+  which is all that is adapted (laion-clap's modules keep their forwards);
+* :class:`FrontEnd` / :class:`FftSpectrogram` - the spectrogram as an FFT
+  instead of two 1024x513 convolutions, always in fp32;
+* :func:`cast_weights` - reduced precision with the front end kept in fp32;
+* :func:`pack_linears` / :class:`PackedLinear` - weights laid out once for
   oneDNN on a CPU;
-* :mod:`clap_ws.model.swin` - the audio transformer's forwards for inference (no
-  work whose result is thrown away, fewer passes over the activations);
+* :mod:`clap_ws.model.swin` and :mod:`clap_ws.model.roberta` - the two
+  encoders' forwards for inference (no work whose result is thrown away);
 * :class:`AudioTower` / :class:`TextTower` - each encoder and its projection
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
   :class:`AudioBody` - the audio tower after its front end, for other engines;
@@ -17,49 +18,81 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
-
-def fp32_forward(module: torch.nn.Module) -> None:
-    """Run ``module`` in fp32 even inside an autocast region."""
-    forward = module.forward
-    device_type = next(module.buffers(), torch.empty(0)).device.type
-
-    def fp32(x, *args, **kwargs):
-        with torch.autocast(device_type, enabled=False):
-            return forward(x.float(), *args, **kwargs)
-
-    module.forward = fp32
+from .roberta import Roberta
+from .swin import Swin
 
 
-def fft_stft(stft: torch.nn.Module) -> bool:
-    """Swap torchlibrosa's conv1d STFT for ``torch.stft`` when its kernels are a plain DFT.
+def own_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A new module tree over the same parameters and buffers.
 
-    torchlibrosa computes the spectrogram as two 1024x513 convolutions (about
-    2 GFLOP per 10-s window); an FFT gives the same numbers for a fraction of
-    that. The kernels are frozen in every LAION-CLAP checkpoint, but they are
-    checked here anyway: if they are not a windowed DFT, nothing is changed.
+    What one :class:`~clap_ws.model.ClapModel` adapts for serving (packed
+    linears, its own forwards): models built over one network, variants and
+    tests, then never see each other's changes, and laion-clap's own modules
+    keep their own forwards. Costs the module objects, not the weights.
     """
-    real, imag = stft.conv_real.weight[:, 0, :], stft.conv_imag.weight[:, 0, :]
-    n_fft = real.shape[1]
-    window = real[0].detach().clone()  # the k=0 row is the window itself
-    angle = 2 * np.pi * torch.outer(torch.arange(real.shape[0], dtype=torch.float64),
-                                    torch.arange(n_fft, dtype=torch.float64)) / n_fft
-    expected = torch.cos(angle) * window.double(), torch.sin(angle) * window.double()
-    if not (torch.allclose(real.double().cpu(), expected[0].cpu(), atol=1e-5)
-            and torch.allclose(imag.double().abs().cpu(), expected[1].abs().cpu(), atol=1e-5)):
-        return False
-    hop, center, pad_mode = stft.hop_length, stft.center, stft.pad_mode
+    memo = {id(t): t for t in (*net.parameters(), *net.buffers())}
+    return copy.deepcopy(net, memo)
 
-    def forward(x):
-        spec = torch.stft(x.float(), n_fft, hop_length=hop, win_length=n_fft, window=window.to(x.device),
-                          center=center, pad_mode=pad_mode, return_complex=True)
-        spec = spec.transpose(1, 2)[:, None]  # (B, 1, T, F) like torchlibrosa
-        return spec.real, spec.imag
 
-    stft.forward = forward
-    return True
+class FftSpectrogram(torch.nn.Module):
+    """torchlibrosa's ``Spectrogram`` (power of two 1024x513 convolutions) as one ``torch.stft``.
+
+    The convolutions cost about 2 GFLOP per 10-s window; an FFT gives the
+    same numbers for a fraction of that. Build it with :meth:`of`, which
+    checks that the kernels are a windowed DFT (they are frozen in every
+    LAION-CLAP checkpoint).
+    """
+
+    def __init__(self, window: torch.Tensor, hop: int, center: bool, pad_mode: str, power: float):
+        super().__init__()
+        self.register_buffer("window", window, persistent=False)
+        self.n_fft, self.hop, self.center, self.pad_mode, self.power = len(window), hop, center, pad_mode, power
+
+    @classmethod
+    def of(cls, spectrogram: torch.nn.Module) -> torch.nn.Module:
+        """The FFT form of ``spectrogram``, or ``spectrogram`` itself where its kernels are not a plain DFT."""
+        stft = spectrogram.stft
+        real, imag = stft.conv_real.weight[:, 0, :], stft.conv_imag.weight[:, 0, :]
+        n_fft = real.shape[1]
+        window = real[0].detach().clone().float()  # the k=0 row is the window itself
+        angle = 2 * np.pi * torch.outer(torch.arange(real.shape[0], dtype=torch.float64),
+                                        torch.arange(n_fft, dtype=torch.float64)) / n_fft
+        expected = torch.cos(angle) * window.double().cpu(), torch.sin(angle) * window.double().cpu()
+        if not (torch.allclose(real.double().cpu(), expected[0], atol=1e-5)
+                and torch.allclose(imag.double().abs().cpu(), expected[1].abs(), atol=1e-5)):
+            return spectrogram
+        return cls(window, stft.hop_length, stft.center, stft.pad_mode, spectrogram.power)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(x.float(), self.n_fft, hop_length=self.hop, win_length=self.n_fft,
+                          window=self.window, center=self.center, pad_mode=self.pad_mode, return_complex=True)
+        power = (spec.real**2 + spec.imag**2).transpose(1, 2)[:, None]  # (B, 1, T, F) like torchlibrosa
+        return power if self.power == 2.0 else power ** (self.power / 2.0)
+
+
+class FrontEnd(torch.nn.Module):
+    """HTSAT's spectrogram front end, always in fp32: waveforms (B, samples) -> log-mel (B, 1, T, mel bins).
+
+    A power spectrum overflows fp16 and loses bf16's few bits, so the front end
+    runs in fp32 whatever the precision (autocast off), and its output is cast
+    to ``dtype`` for the layers after it (None: left fp32, as under autocast).
+    """
+
+    def __init__(self, branch: torch.nn.Module, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.spectrogram = FftSpectrogram.of(branch.spectrogram_extractor)
+        self.logmel = branch.logmel_extractor
+        self.dtype = dtype
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(waveform.device.type, enabled=False):
+            mel = self.logmel(self.spectrogram(waveform.float()))
+        return mel if self.dtype is None else mel.to(self.dtype)
 
 
 def chunk_sizes(count: int, chunk: int) -> list[int]:
@@ -74,58 +107,48 @@ def chunk_sizes(count: int, chunk: int) -> list[int]:
 
 
 def cast_weights(net: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast ``net`` to ``dtype`` once, keeping the spectrogram front end in fp32.
-
-    The front end's output is cast to ``dtype`` for the layers after it.
-    Idempotent, because tests build several :class:`ClapModel` on one network.
-    """
-    branch = net.audio_branch
-    if getattr(branch, "_clap_ws_dtype", None) == dtype:
-        return
+    """Cast ``net``'s weights to ``dtype``, keeping the spectrogram front end's in fp32 (see :class:`FrontEnd`)."""
     net.to(dtype)
-    names = [n for n in ("spectrogram_extractor", "logmel_extractor") if hasattr(branch, n)]
-    for name in names:
-        getattr(branch, name).float()
-    if names:
-        last = getattr(branch, names[-1])
-        forward = last.forward
-        last.forward = lambda x, *args, **kwargs: forward(x.float(), *args, **kwargs).to(dtype)
-    branch._clap_ws_dtype = dtype
+    branch = net.audio_branch
+    for name in ("spectrogram_extractor", "logmel_extractor"):
+        if hasattr(branch, name):
+            getattr(branch, name).float()
+
+
+class PackedLinear(torch.nn.Module):
+    """A ``Linear`` whose weight is laid out once in oneDNN's blocked format (CPU, bf16 or fp32).
+
+    Unpacked, a bf16 weight is re-laid-out by oneDNN on every call, and an
+    fp32 one goes to MKL's GEMM. Costs a second copy of the weight; the
+    original stays in ``linear`` (and in ``state_dict``).
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = [linear]  # not a child: its weight is the original's, the packed copy is what runs
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def pack_linears(module: torch.nn.Module) -> int:
-    """Lay out every ``Linear`` weight in ``module`` once, in oneDNN's blocked format (CPU, bf16 or fp32).
+    """Replace every ``Linear`` inside ``module`` by a :class:`PackedLinear`; how many were replaced.
 
-    Unpacked, a bf16 weight is re-laid-out by oneDNN on every call, and an
-    fp32 one goes to MKL's GEMM. Packing pays for text (a prompt is a few
-    tokens, so each matmul reads its whole weight to do little work) and for
-    audio with the Swin forwards of :mod:`clap_ws.model.swin` (figures:
-    ``docs/experiments.md``).
-
-    Costs a second copy of the packed weights; the originals stay for
-    ``state_dict`` and ``torch.compile``. Returns how many were packed;
-    packing twice packs nothing new.
+    Pays for text (a prompt is a few tokens, so each matmul reads its whole
+    weight to do little work) and for audio with the Swin modules of
+    :mod:`clap_ws.model.swin` (figures: ``docs/experiments.md``). Only for a
+    model's own modules (:func:`own_copy`): laion-clap's stay as they are.
     """
     count = 0
-    for linear in module.modules():
-        if type(linear) is not torch.nn.Linear or "forward" in vars(linear):
-            continue
-        with torch.no_grad():
-            packed, bias = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()), linear.bias
-
-        def forward(x, packed=packed, bias=bias):
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-        linear.forward = forward
-        count += 1
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, PackedLinear(child))
+                count += 1
     return count
-
-
-def unpack_linears(module: torch.nn.Module) -> None:
-    """Undo :func:`pack_linears` (before a cast, or for ``torch.compile``, which packs by itself)."""
-    for linear in module.modules():
-        if type(linear) is torch.nn.Linear:
-            vars(linear).pop("forward", None)
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
@@ -135,62 +158,62 @@ def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class AudioTower(torch.nn.Module):
-    """Waveforms to raw audio embeddings: laion-clap's audio branch and projection as one module.
-
-    It is the unit that ``torch.compile`` sees; eager models call it too, so
-    both paths run the same code. Non-fusion models run :func:`log_mel` and
-    then :class:`AudioBody`, which is what HTSAT's own forward does for them
-    in eval mode; fusion models run that forward, with their fusion input.
-    """
-
-    def __init__(self, net: torch.nn.Module, fusion: bool):
-        super().__init__()
-        self.branch, self.projection, self.fusion = net.audio_branch, net.audio_projection, fusion
-        self.body = None if fusion else AudioBody(net)
-        self.audio_cfg = net.audio_cfg
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        if not self.fusion:
-            return self.body(log_mel(self.branch, waveform))
-        batch = {"waveform": waveform,
-                 "longer": torch.zeros(waveform.shape[0], dtype=torch.bool, device=waveform.device),
-                 "mel_fusion": fusion_mel(waveform, self.audio_cfg).to(self.projection[0].weight.dtype)}
-        return self.projection(self.branch(batch, mixup_lambda=None, device=waveform.device)["embedding"])
-
-
 class AudioBody(torch.nn.Module):
-    """A non-fusion audio tower after its spectrogram front end: log-mel (B, 1, T, mel bins) -> raw embedding.
+    """An audio tower after its spectrogram front end: log-mel (B, C, T, mel bins) -> raw embedding.
 
-    HTSAT's forward in eval mode, after :func:`log_mel`: ``bn0`` over the mel
-    bins, the time-frequency image, the transformer, then the projection.
+    HTSAT's forward in eval mode after the front end: ``bn0`` over the mel
+    bins, the time-frequency image, the transformer (:class:`~clap_ws.model.swin.Swin`),
+    then the projection; ``longer_idx=[]`` for fusion models' 4-channel input.
     This is the part other engines can take
     (:mod:`clap_ws.model.openvino_audio`, ``benchmarks/engines.py``): the
     front end's FFT returns complex tensors, which neither ``torch.onnx`` nor
     OpenVINO converts, and it is a small part of a window.
     """
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, branch: torch.nn.Module, projection: torch.nn.Module):
         super().__init__()
-        self.branch, self.projection = net.audio_branch, net.audio_projection
+        self.bn0, self.swin, self.projection = branch.bn0, Swin(branch), projection
+        self.to_image = branch.reshape_wav2img  # a reshape with the branch's frequency ratio
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        branch = self.branch
-        x = branch.bn0(mel.transpose(1, 3)).transpose(1, 3)
-        return self.projection(branch.forward_features(branch.reshape_wav2img(x))["embedding"])
+    @classmethod
+    def of(cls, net: torch.nn.Module) -> AudioBody:
+        """The body of ``net``'s audio tower, on modules of its own (:func:`own_copy`), unpacked."""
+        own = own_copy(net)
+        return cls(own.audio_branch, own.audio_projection)
+
+    def forward(self, mel: torch.Tensor, longer_idx=None) -> torch.Tensor:
+        x = self.bn0(mel.transpose(1, 3)).transpose(1, 3)
+        return self.projection(self.swin(self.to_image(x), longer_idx=longer_idx))
 
 
-def log_mel(branch: torch.nn.Module, waveform: torch.Tensor) -> torch.Tensor:
-    """HTSAT's spectrogram front end: waveforms (B, samples) -> log-mel (B, 1, T, mel bins)."""
-    return branch.logmel_extractor(branch.spectrogram_extractor(waveform))
+class AudioTower(torch.nn.Module):
+    """Waveforms to raw audio embeddings: the front end and the body as one module.
+
+    It is the unit that ``torch.compile`` sees; eager models call it too, so
+    both paths run the same code. Fusion models take their 4-channel fusion
+    input (:func:`fusion_mel`) instead of the front end's log-mel: what HTSAT's
+    own forward does in eval mode when no clip of the batch is longer than 10 s.
+    """
+
+    def __init__(self, front_end: FrontEnd, body: AudioBody, fusion: bool, audio_cfg):
+        super().__init__()
+        self.front_end, self.body, self.fusion, self.audio_cfg = front_end, body, fusion, audio_cfg
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if not self.fusion:
+            return self.body(self.front_end(waveform))
+        mel = fusion_mel(waveform, self.audio_cfg)
+        return self.body(mel if self.front_end.dtype is None else mel.to(self.front_end.dtype), longer_idx=[])
 
 
 class TextTower(torch.nn.Module):
-    """Token ids to raw text embeddings: laion-clap's RoBERTa branch and projection as one module."""
+    """Token ids to raw text embeddings: the RoBERTa encoder (:class:`~clap_ws.model.roberta.Roberta` where it
+    can serve it) and the projection as one module."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, branch: torch.nn.Module, projection: torch.nn.Module):
         super().__init__()
-        self.branch, self.projection = net.text_branch, net.text_projection
+        self.branch = Roberta(branch) if Roberta.can_serve(branch) else branch
+        self.projection = projection
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.projection(self.branch(input_ids=input_ids, attention_mask=attention_mask)["pooler_output"])
