@@ -27,6 +27,7 @@ from clap_ws.model.tokenizer import tokenize
 from clap_ws.model.towers import (
     AudioBody,
     AudioTower,
+    FftSpectrogram,
     FrontEnd,
     PackedLinear,
     TextTower,
@@ -183,6 +184,10 @@ def test_bf16_stays_close_to_fp32(model, fp32_model):
         pytest.skip("this CPU has no native bf16, so auto precision is fp32")
     assert next(model.net.text_branch.parameters()).dtype == torch.bfloat16  # cast once, not autocast
     assert next(fp32_model.net.text_branch.parameters()).dtype == torch.float32
+    # the front end is never rounded to bf16: its kernels stay an exact DFT, so it runs as an FFT
+    assert isinstance(model._front_end.spectrogram, FftSpectrogram)
+    assert isinstance(fp32_model._front_end.spectrogram, FftSpectrogram)
+    assert all(p.dtype == torch.float32 for p in model.net.audio_branch.spectrogram_extractor.parameters())
     assert_embeddings_close(model, fp32_model)
     assert model.logit_scale == pytest.approx(fp32_model.logit_scale, rel=1e-6)
 

@@ -107,12 +107,21 @@ def chunk_sizes(count: int, chunk: int) -> list[int]:
 
 
 def cast_weights(net: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast ``net``'s weights to ``dtype``, keeping the spectrogram front end's in fp32 (see :class:`FrontEnd`)."""
-    net.to(dtype)
+    """Cast ``net``'s floating-point weights to ``dtype``, except the spectrogram front end's (see
+    :class:`FrontEnd`), which are never rounded: its DFT kernels must stay exact for :class:`FftSpectrogram`."""
     branch = net.audio_branch
-    for name in ("spectrogram_extractor", "logmel_extractor"):
-        if hasattr(branch, name):
-            getattr(branch, name).float()
+    front = {id(m) for name in ("spectrogram_extractor", "logmel_extractor") if hasattr(branch, name)
+             for m in getattr(branch, name).modules()}
+    with torch.no_grad():
+        for module in net.modules():
+            if id(module) in front:
+                continue
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point():
+                    param.data = param.data.to(dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
 
 
 class PackedLinear(torch.nn.Module):
