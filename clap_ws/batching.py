@@ -127,20 +127,31 @@ class MicroBatcher(Generic[T, R]):
         future.add_done_callback(lambda f: self._withdraw(key, pending) if f.cancelled() else None)
         return future
 
-    def _withdraw(self, key: Hashable, pending: _Pending[T]) -> None:
+    def withdraw(self, future: asyncio.Future) -> bool:
+        """Take ``future``'s item out of the queue now and cancel it, if the worker has not taken it yet; whether
+        it was. An item already in a batch runs to the end (stopping it would save nothing), and its result stands."""
+        with self._cond:
+            found = next(((key, p) for key, queue in self._queues.items() for p in queue if p.future is future), None)
+        if found is None or not self._withdraw(*found):  # the worker may have taken it in between
+            return False
+        future.cancel()  # its done callback finds nothing left to take out
+        return True
+
+    def _withdraw(self, key: Hashable, pending: _Pending[T]) -> bool:
         """Take a cancelled item out of the queue at once, so its cost frees room for others now rather than
         when the worker reaches it (a client gone with a full pipeline must not keep the queue full)."""
         with self._cond:
             queue = self._queues.get(key)
             at = next((i for i, p in enumerate(queue) if p is pending), None) if queue else None
             if queue is None or at is None:
-                return  # already taken by the worker, which drops it
+                return False  # already taken by the worker
             del queue[at]
             if not queue:
                 del self._queues[key]
             self._depth -= 1
             self._load -= pending.cost
             self.dropped += 1
+            return True
 
     @property
     def depth(self) -> int:

@@ -118,4 +118,7 @@ class Descriptors:
                   projection.meta["fit_seconds"], figures["triplet_agreement"])
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._pool.submit(projection.save, self.directory / "current.npz")
+            try:
+                self._pool.submit(projection.save, self.directory / "current.npz")
+            except RuntimeError:  # a fit that ended while the server shut down: still saved, here
+                projection.save(self.directory / "current.npz")

@@ -2,7 +2,8 @@
 
 One rule for both: a request *claims* the in-flight rows it will wait for
 when it asks (not when it gets round to awaiting them), and a job is
-cancelled once no claim on any of its rows is left. So a client that leaves
+withdrawn once no claim on any of its rows is left (a job the model already
+runs finishes, and its rows are cached for whoever asks next). So a client that leaves
 cancels the work nobody else waits for, and never work another request still
 needs. The model work itself is the caller's (a job from
 :class:`~clap_ws.batching.MicroBatcher`); this module only shares it. Runs on
@@ -25,8 +26,10 @@ class Computed:
     ``meta`` travels with a key (a sound's warnings) and comes back on every hit, cached or in flight.
     """
 
-    def __init__(self, cache: EmbeddingCache, what: str):
+    def __init__(self, cache: EmbeddingCache, what: str, withdraw: Callable[[asyncio.Future], Any] | None = None):
         self.cache = cache
+        # how to give up a job nobody waits for: the batcher's withdraw (only while it is queued), or cancel
+        self._withdraw = withdraw or (lambda job: job.cancel())
         self.what = what  # "audio" or "text", for the error a cancelled job leaves behind
         self._flying: dict[Hashable, tuple[asyncio.Future, Any]] = {}  # key -> (row, meta)
         self._job_of: dict[asyncio.Future, asyncio.Future] = {}  # row -> the job computing it
@@ -92,4 +95,4 @@ class Computed:
                 if left > 0:
                     self._claims[job] = left
                 elif self._claims.pop(job, None) is not None and not job.done():
-                    job.cancel()  # every request that asked for its rows has gone
+                    self._withdraw(job)  # every request that asked for its rows has gone

@@ -108,8 +108,8 @@ class Service:
         self.audio_cache = EmbeddingCache(audio_cache)  # content hash -> (embedding, warnings)
         self._model_key = repr(sorted(model_identity(model).items()))
         self._silence_key = ("silence", self._model_key)  # all-zero windows: one model input, whatever the length
-        self.sounds = Computed(self.audio_cache, "audio")  # content hash -> embedding, warnings
-        self.texts = Computed(self.text_cache, "text")  # text -> embedding
+        self.sounds = Computed(self.audio_cache, "audio", self.batcher.withdraw)  # content hash -> embedding
+        self.texts = Computed(self.text_cache, "text", self.batcher.withdraw)  # text -> embedding
         # Index work (search, archives) runs on this one thread, with torch serial on it (see
         # scan.single_threaded); the int8 blocks of what was loaded are built there too, before any search.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clap-index", initializer=single_threaded)

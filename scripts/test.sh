@@ -27,6 +27,7 @@ export CLAP_WS_REQUIRE_BROWSER="${CLAP_WS_REQUIRE_BROWSER:-1}"  # here a missing
 
 "$py" -m ruff check .
 "$py" -m mypy
+"$py" -m mypy clients/python/clap_ws_client  # the Python client, typed (py.typed)
 "$py" -m pytest "$@"  # not -q: the header names the CPU class (conftest.py)
 
 # The JavaScript client (clients/js): its tests start real servers with this venv's Python.

@@ -124,8 +124,8 @@ class ThreadedServer:
     would. Processes (the CLI, replicas) are :class:`Served`."""
 
     def __init__(self, model: ClapModel, *, libraries=(), archives=None, projection=None, **options):
-        self.server = ClapServer(model, ServerConfig(port=0, **options), libraries=libraries, archives=archives,
-                                 projection=projection)
+        self.server = ClapServer(model, ServerConfig(**{"port": 0, **options}), libraries=libraries,
+                                 archives=archives, projection=projection)
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         failed: list[BaseException] = []

@@ -160,3 +160,19 @@ async def test_admission_counts_work_not_requests():
         handler.gate.set()
         assert await asyncio.gather(first, big, small) == [0, 10, 30]
         assert batcher.load == 0 and batcher.depth == 0
+
+
+async def test_withdraw_takes_a_queued_item_out_at_once_but_lets_a_running_one_finish():
+    rec = Recorder()
+    rec.gate.clear()
+    async with running(rec, max_batch=1, max_queue=10) as b:
+        running_item = b.submit(1, key="a", cost=3)
+        await asyncio.get_running_loop().run_in_executor(None, rec.entered.wait, 10)  # item 1 is in the handler
+        queued = b.submit(2, key="b", cost=4)
+        assert b.load == 4
+        assert b.withdraw(running_item) is False and not running_item.cancelled()
+        assert b.withdraw(queued) is True and queued.cancelled()
+        assert b.load == 0 and b.depth == 0 and b.dropped == 1  # its room is free now, not when the worker gets there
+        rec.gate.set()
+        assert await asyncio.wait_for(running_item, 10) == 10  # the running one's result stands
+    assert rec.batches == [[1]]

@@ -128,3 +128,13 @@ def test_cache_benchmark_compares_both_servers_in_one_run(tmp_path):
     data = json.loads((tmp_path / "cache.json").read_text())
     assert data["rows"]["cache off"]["cached_share"] == 0 and data["rows"]["cache on"]["cached_share"] > 0
     assert data["meta"]["throughput_ratio_median"] > 0 and "cores" in data["meta"]["machine"]
+
+
+@pytest.mark.slow
+def test_python_client_benchmark_compares_the_client_with_raw_websockets():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "python_client.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT / "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| round")]
+    assert len(rows) == 2 and all(float(raw) > 0 and float(client) > 0 for _, raw, client, _ in rows)
+    assert "| median sounds/s |" in result.stdout
