@@ -3,15 +3,16 @@
 The pipeline is pure numpy (plus soxr) and runs once per request:
 
     decode_pcm -> downmix -> resample (soxr HQ) -> optional peak normalise
-    -> windows (int16 quantisation, repeat-padding or 10-s windows)
+    -> windows (repeat-padding or 10-s windows)
 
 Everything a client can get wrong about audio is caught here and raised as
 :class:`~clap_ws.errors.AudioError` with a code and a message that says what
 was wrong, before any work is queued.
 
-Windowing follows laion-clap for clips up to 10 s (quantise to int16 and
-back, repeat the clip to fill 10 s, zero-pad the rest) so embeddings match
-``CLAP_Module.get_audio_embedding_from_data``. For longer clips laion-clap
+Windowing follows laion-clap (and transformers' ``repeatpad``) for clips up
+to 10 s: repeat the clip to fill 10 s, zero-pad the rest. laion-clap's int16
+round trip (:func:`quantize`) is the model's step, since transformers has
+none (:class:`clap_ws.model.checkpoint.Preprocessing`). For longer clips laion-clap
 crops at random; here the choice is deterministic (``long_clip``):
 
 * ``mean`` (default) - consecutive 10-s windows covering the whole clip, the
@@ -157,7 +158,6 @@ def window_starts(n: int, mode: str = "mean", length: int = WINDOW_SAMPLES) -> l
 
 def windows(clip: np.ndarray, mode: str = "mean") -> np.ndarray:
     """(k, 480000) float32 model input for one 48 kHz clip."""
-    clip = quantize(clip)
     if len(clip) <= WINDOW_SAMPLES:
         return repeat_pad(clip)[None]
     return np.stack([clip[s : s + WINDOW_SAMPLES] for s in window_starts(len(clip), mode)])

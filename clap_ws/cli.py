@@ -67,8 +67,12 @@ _SERVER_FLAGS = {"warm_up": "--no-warm-up"}  # booleans that default to True
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--checkpoint", metavar="PATH",
-                       help=f"LAION-CLAP checkpoint (.pt); default $CLAP_CHECKPOINT_PATH, else "
-                            f"<cache>/{DEFAULT_CHECKPOINT}")
+                       help=f"LAION-CLAP checkpoint (.pt) or transformers CLAP folder (config.json, weights, "
+                            f"tokenizer); default $CLAP_CHECKPOINT_PATH, else <cache>/{DEFAULT_CHECKPOINT}")
+    group.add_argument("--model", metavar="ORG/NAME",
+                       help="a transformers CLAP model in the local Hugging Face cache, e.g. "
+                            "laion/larger_clap_general (offline; default $CLAP_MODEL; HF_HOME and HF_HUB_CACHE "
+                            "honoured; fetch with `clap-ws download ORG/NAME`)")
     group.add_argument("--untrained", action="store_true",
                        help="random weights, same architecture: for tests and latency work only")
     group.add_argument("--seed", type=int, default=0, help="seed of --untrained weights (default 0)")
@@ -96,7 +100,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_options(args: argparse.Namespace) -> dict:
     """The model options as :func:`~clap_ws.model.weights.load_model` takes them (also sent to Ray workers)."""
-    return {"checkpoint": args.checkpoint, "untrained": args.untrained, "seed": args.seed,
+    return {"checkpoint": args.checkpoint, "repo_id": args.model, "untrained": args.untrained, "seed": args.seed,
             "audio_model": args.audio_model, "device": args.device, "precision": args.precision, "chunk": args.chunk,
             "compile": args.compile, "engine": args.engine, "cache": args.cache_dir,
             "tokenizer_dir": args.tokenizer, "allow_pickle": args.allow_pickle}
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--insecure", action="store_true",
                        help="allow binding a non-loopback address without --token")
     group.add_argument("--download", action="store_true",
-                       help="fetch the default checkpoint and tokenizer first if missing (network)")
+                       help="fetch the default checkpoint and tokenizer (or --model) first if missing (network)")
     extra = serve.add_argument_group("libraries, archives, behaviour descriptors")
     extra.add_argument("--library", action="append", default=[], metavar="FILE",
                        help="a library built by `clap-ws library build` (repeat for several)")
@@ -173,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = lib_sub.add_parser("info", help="print a library's summary as JSON")
     show.add_argument("lib", metavar="LIB")
 
-    fetch = sub.add_parser("download", help="fetch a published checkpoint and the roberta-base tokenizer")
+    fetch = sub.add_parser("download", help="fetch a published checkpoint and the roberta-base tokenizer, or a "
+                                            "transformers CLAP model (ORG/NAME) into the Hugging Face cache")
     fetch.add_argument("name", nargs="?", default=DEFAULT_CHECKPOINT,
-                       help="one of: " + ", ".join(KNOWN_CHECKPOINTS) + " (default %(default)s)")
+                       help="one of: " + ", ".join(KNOWN_CHECKPOINTS) + " (default %(default)s); or ORG/NAME, "
+                            "e.g. laion/larger_clap_general")
     fetch.add_argument("--cache-dir", help="destination (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     fetch.add_argument("--timeout", type=float, default=15.0, help="seconds per network wait (default %(default)s)")
     proj = sub.add_parser("projection", help="behaviour descriptors for quality-diversity runs")

@@ -23,9 +23,10 @@ from .similarity import cosine_matrix
 class CLAPExtractor:
     """Embed audio (any rate, mono or interleaved) and text with one resident model.
 
-    Give ``checkpoint_path`` (or set ``CLAP_CHECKPOINT_PATH``, or keep the
-    default checkpoint in the cache), or ``untrained=True`` for random weights,
-    or a ready ``model``.
+    Give ``checkpoint_path`` (a LAION ``.pt`` or a transformers folder; or set
+    ``CLAP_CHECKPOINT_PATH``, or keep the default checkpoint in the cache), or
+    ``repo_id="laion/larger_clap_general"`` for a model in the local Hugging
+    Face cache, or ``untrained=True`` for random weights, or a ready ``model``.
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike | None = None, device: str | None = None, *,

@@ -13,6 +13,7 @@ from helpers import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
 
+from clap_ws.audio import quantize
 from clap_ws.errors import ModelError, TextUnavailable
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.model import ClapModel
@@ -225,8 +226,9 @@ def test_cuda_stays_close_to_fp32_on_the_cpu(fp32_model, precision):
 
 
 def laion_audio(model: ClapModel, windows: np.ndarray) -> np.ndarray:
-    """laion-clap's own HTSAT forward and projection on the model's network (clap-ws never changes its modules)."""
-    net, w = model.net, torch.from_numpy(np.ascontiguousarray(windows))
+    """laion-clap's own HTSAT forward and projection on the model's network (clap-ws never changes its modules),
+    after laion-clap's int16 round trip, as the model does."""
+    net, w = model.net, torch.from_numpy(quantize(windows))
     batch = {"waveform": w}
     if model.architecture.fusion:
         batch.update(longer=torch.zeros(len(w), dtype=torch.bool), mel_fusion=fusion_mel(w, net.audio_cfg))

@@ -43,10 +43,33 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """What a model family does to a 48 kHz window before its network, where families differ.
+
+    LAION's ``.pt`` models follow laion-clap (int16 round trip; slaney mel
+    filters, or HTK ones for the fusion input); a transformers folder follows
+    its feature extractor's settings (no int16 step; filters chosen by its
+    ``truncation``; its frequency range), so each family matches its own
+    reference implementation.
+    """
+
+    family: str = "laion-clap"  # or "transformers"
+    int16: bool = True  # laion-clap quantises to int16 and back; transformers does not
+    mel_scale: str | None = None  # None: laion-clap's (slaney, HTK for the fusion input); else "slaney" or "htk"
+    fmin: float = 50.0
+    fmax: float = 14_000.0
+
+    def describe(self) -> str:
+        if self.mel_scale is None:
+            return "laion-clap (int16 round trip)"
+        return f"transformers ({self.mel_scale} mel {self.fmin:g}-{self.fmax:g} Hz, no int16 step)"
+
+
+@dataclass(frozen=True)
 class Identity:
     """Which weights produced an embedding; sent with every reply."""
 
-    name: str  # checkpoint file name, or "untrained"
+    name: str  # checkpoint file name, repository id or folder name, or "untrained"
     sha256: str | None = None
     path: str | None = None
     seed: int | None = None
@@ -107,9 +130,11 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+def sha256_of(*paths: str | os.PathLike) -> str:
+    """The sha256 of the files' bytes, one after the other (a sharded model's shards, in order)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(functools.partial(f.read, 1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()

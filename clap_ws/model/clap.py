@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..audio import quantize
 from ..constants import EMBED_DIM, SAMPLE_RATE, WINDOW_SAMPLES
 from ..cpu import has_native_bf16
 from ..errors import ModelError, TextUnavailable
@@ -69,13 +70,14 @@ from . import laion
 from .checkpoint import (
     Architecture,
     Identity,
+    Preprocessing,
     detect_architecture,
     read_checkpoint,
     sha256_of,
 )
 from .openvino_audio import OpenVinoAudio
 from .swin import is_swin
-from .tokenizer import byte_level_tokenizer, tokenize
+from .tokenizer import MAX_TOKENS, byte_level_tokenizer, tokenize
 from .towers import (
     AudioBody,
     AudioTower,
@@ -87,6 +89,7 @@ from .towers import (
     own_copy,
     pack_linears,
 )
+from .transformers_folder import TransformersFolder, is_transformers_folder, mel_bank
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("torch", "openvino")
@@ -153,6 +156,8 @@ class ClapModel:
     engine: str = "torch"  # or "openvino": the audio encoder compiled by OpenVINO (CPU)
     autocast: bool | None = None  # reduced precision under autocast; None: on GPUs (a CPU casts weights once)
     pack: bool = True  # lay linears out once for oneDNN where that pays (a CPU); False: plain, for baselines
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # the family's steps before the network
+    max_tokens: int = MAX_TOKENS  # longer texts are cut here (laion-clap: 77; transformers folders: 512)
     _autocast: Callable[[], contextlib.AbstractContextManager] = field(init=False, repr=False)
     _openvino: OpenVinoAudio | None = field(init=False, repr=False, default=None)
     _audio: Callable[..., torch.Tensor] = field(init=False, repr=False)
@@ -187,7 +192,8 @@ class ClapModel:
         own: Any = own_copy(self.net)  # this model's modules over the network's weights (towers.own_copy)
         self._front_end = FrontEnd(own.audio_branch, dtype if cast else None)
         body = AudioBody(own.audio_branch, own.audio_projection)
-        self._audio = AudioTower(self._front_end, body, self.architecture.fusion, self.net.audio_cfg)
+        self._audio = AudioTower(self._front_end, body, self.architecture.fusion, self.net.audio_cfg,
+                                 fusion_from_front_end=self.preprocessing.mel_scale is not None)
         self._text = TextTower(own.text_branch, own.text_projection)
         self._body = body
         if self.pack and not self.compile and not self.autocast and can_pack_linears(self.device, dtype):
@@ -256,34 +262,59 @@ class ClapModel:
                         precision: str = "auto", tokenizer=None, tokenizer_source: str = "none",
                         allow_pickle: bool = False, chunk: int = 0, compile: bool = False,
                         engine: str = "torch") -> ClapModel:
-        """Load a LAION-CLAP checkpoint file; the architecture comes from its tensors."""
+        """Load a LAION-CLAP checkpoint file (the architecture comes from its tensors), or a transformers
+        folder (:meth:`from_transformers`)."""
         path = Path(path)
+        if is_transformers_folder(path):
+            return cls.from_transformers(Path(path), device=device, precision=precision, tokenizer=tokenizer,
+                                         tokenizer_source=tokenizer_source, chunk=chunk, compile=compile,
+                                         engine=engine)
         state = read_checkpoint(path, allow_pickle)
         architecture = detect_architecture(state)
         net = cls.build_network(architecture)
-        expected = net.state_dict()
-        # Saved by older transformers; recent ones keep it as a non-persistent buffer.
-        state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ModelError(
-                f"{path.name} does not fit laion-clap's {architecture.describe()}: "
-                f"{len(missing)} missing tensors {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
-            )
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelError(f"{path.name}: {str(exc).splitlines()[0]} ...") from None
+        _load_weights(net, state, f"{path.name} does not fit laion-clap's {architecture.describe()}")
         dev = resolve_device(device)
         identity = Identity(path.name, sha256_of(path), str(path.resolve()))
         return cls(net=net.to(dev), architecture=architecture, identity=identity, device=dev,
                    precision=resolve_precision(precision, dev), tokenizer=tokenizer, tokenizer_source=tokenizer_source,
                    chunk=chunk, compile=compile, engine=engine)
 
+    @classmethod
+    def from_transformers(cls, folder: str | Path | TransformersFolder, name: str | None = None,
+                          device: str | None = None, precision: str = "auto", tokenizer=None,
+                          tokenizer_source: str | None = None, chunk: int = 0, compile: bool = False,
+                          engine: str = "torch") -> ClapModel:
+        """Load a transformers CLAP folder (``save_pretrained``, a Hub snapshot) into laion-clap's network.
+
+        The architecture comes from ``config.json`` and is checked against the
+        weights; the tokenizer comes from the folder unless one is given; the
+        front end follows the folder's feature-extractor settings
+        (:class:`~clap_ws.model.checkpoint.Preprocessing`), so embeddings match
+        transformers' ``get_audio_features``. Raises
+        :class:`~clap_ws.errors.ModelError` naming what does not fit.
+        """
+        hf = folder if isinstance(folder, TransformersFolder) else TransformersFolder.read(folder, name)
+        if tokenizer is None:
+            tokenizer, tokenizer_source = hf.tokenizer(), f"{hf.name} (the folder's own)"
+        net: Any = cls.build_network(hf.architecture)
+        _load_weights(net, hf.state_dict(net.state_dict()),
+                      f"{hf.path}: the weights do not fit the {hf.architecture.describe()} that config.json describes")
+        with torch.no_grad():
+            net.audio_branch.logmel_extractor.melW.copy_(torch.from_numpy(mel_bank(hf.preprocessing)))
+        dev = resolve_device(device)
+        max_tokens = min(getattr(tokenizer, "model_max_length", 512), hf.text_config["max_position_embeddings"] - 2)
+        return cls(net=net.to(dev), architecture=hf.architecture, identity=Identity(hf.name, hf.sha256(),
+                   str(hf.path.resolve())), device=dev, precision=resolve_precision(precision, dev),
+                   tokenizer=tokenizer, tokenizer_source=tokenizer_source or "given", chunk=chunk, compile=compile,
+                   engine=engine, preprocessing=hf.preprocessing, max_tokens=max_tokens)
+
     # ---- inference (one thread at a time) -----------------------------
     def embed_windows(self, windows: np.ndarray) -> np.ndarray:
-        """Raw (unnormalised) embeddings, shape (N, 512), of N 10-s 48 kHz windows."""
+        """Raw (unnormalised) embeddings, shape (N, 512), of N 10-s 48 kHz windows.
+
+        LAION models first take the windows through laion-clap's int16 round
+        trip; transformers folders do not (transformers has no such step).
+        """
         out, start = [], 0
         for size in chunk_sizes(len(windows), self.chunk):
             out.append(self._embed_chunk(windows[start : start + size]))
@@ -292,7 +323,7 @@ class ClapModel:
 
     @torch.inference_mode()
     def _embed_chunk(self, windows: np.ndarray) -> np.ndarray:
-        windows = np.ascontiguousarray(windows)  # no copy when it already is
+        windows = quantize(windows) if self.preprocessing.int16 else np.ascontiguousarray(windows)
         # One layout for every input: a size-1 axis may carry any stride (``clip[None]`` has 0), and a
         # compiled tower is specialised on strides, so it would recompile (7 s) on the first real sound.
         waveform = torch.from_numpy(windows).as_strided(windows.shape, (windows.shape[1], 1))
@@ -315,7 +346,7 @@ class ClapModel:
             return np.zeros((0, EMBED_DIM), dtype=np.float32)
         out = []
         for start in range(0, len(texts), TEXT_CHUNK):  # bounds the activations of a big batch
-            tokens = tokenize(self.tokenizer, texts[start : start + TEXT_CHUNK])
+            tokens = tokenize(self.tokenizer, texts[start : start + TEXT_CHUNK], self.max_tokens)
             with self._autocast():
                 raw = self._text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
             out.append(torch.nn.functional.normalize(raw.float(), dim=-1).cpu().numpy())
@@ -377,7 +408,25 @@ class ClapModel:
             "model_sample_rate": SAMPLE_RATE,
             "text": self.tokenizer is not None,
             "tokenizer": self.tokenizer_source,
+            "preprocessing": self.preprocessing.describe(),
         }
+
+
+def _load_weights(net: torch.nn.Module, state: dict, what: str) -> None:
+    """Load ``state`` into ``net``, every tensor accounted for; :class:`ModelError` opening with ``what`` if not."""
+    expected = net.state_dict()
+    # Saved by older transformers; recent ones keep it as a non-persistent buffer.
+    state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(f"{what}: {len(missing)} missing tensors {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}")
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ModelError(f"{what}: {len(wrong)} tensors of the wrong shape, e.g. {wrong[0][0]} "
+                         f"{wrong[0][1]} where {wrong[0][2]} is expected")
+    net.load_state_dict(state, strict=True)
 
 
 def model_identity(model: ClapModel) -> dict:

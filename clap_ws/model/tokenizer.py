@@ -106,13 +106,13 @@ def find_tokenizer(explicit: str | os.PathLike | None, cache_dir: Path):
     return None
 
 
-def tokenize(tokenizer, texts: list[str]) -> dict:
-    """Token ids and mask for a batch, padded only to its longest text.
+def tokenize(tokenizer, texts: list[str], max_tokens: int = MAX_TOKENS) -> dict:
+    """Token ids and mask for a batch, padded only to its longest text, each cut at ``max_tokens``.
 
     laion-clap pads every text to 77 tokens; RoBERTa masks padding and CLAP
     pools the first token, so padding to the longest text gives the same
     embedding at a fraction of the cost for short prompts.
     """
     return tokenizer(
-        texts, padding="longest", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt"
     )

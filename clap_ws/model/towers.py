@@ -202,15 +202,22 @@ class AudioTower(torch.nn.Module):
     both paths run the same code. Fusion models take their 4-channel fusion
     input (:func:`fusion_mel`) instead of the front end's log-mel: what HTSAT's
     own forward does in eval mode when no clip of the batch is longer than 10 s.
+    With ``fusion_from_front_end`` that input is 4 copies of the front end's
+    log-mel instead, as transformers' feature extractor makes it (its filters
+    are then the front end's).
     """
 
-    def __init__(self, front_end: FrontEnd, body: AudioBody, fusion: bool, audio_cfg):
+    def __init__(self, front_end: FrontEnd, body: AudioBody, fusion: bool, audio_cfg,
+                 fusion_from_front_end: bool = False):
         super().__init__()
         self.front_end, self.body, self.fusion, self.audio_cfg = front_end, body, fusion, audio_cfg
+        self.fusion_from_front_end = fusion_from_front_end
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         if not self.fusion:
             return self.body(self.front_end(waveform))
+        if self.fusion_from_front_end:
+            return self.body(self.front_end(waveform).expand(-1, 4, -1, -1), longer_idx=[])
         mel = fusion_mel(waveform, self.audio_cfg)
         return self.body(mel if self.front_end.dtype is None else mel.to(self.front_end.dtype), longer_idx=[])
 

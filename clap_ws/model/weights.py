@@ -2,9 +2,12 @@
 
 Resolution, first match wins:
 
-1. ``--checkpoint PATH`` or ``CLAP_CHECKPOINT_PATH`` (a path, or a bare file
-   name looked up in the cache directory);
-2. ``<cache>/630k-audioset-best.pt``, the cache being ``--cache-dir``,
+1. ``--model ORG/NAME`` or ``CLAP_MODEL``: a transformers CLAP repository in
+   the local Hugging Face cache (``HF_HOME``, ``HF_HUB_CACHE``), looked up
+   offline (:func:`~clap_ws.model.transformers_folder.hub_snapshot`);
+2. ``--checkpoint PATH`` or ``CLAP_CHECKPOINT_PATH`` (a LAION ``.pt`` file or
+   a transformers folder, or a bare file name looked up in the cache directory);
+3. ``<cache>/630k-audioset-best.pt``, the cache being ``--cache-dir``,
    ``CLAP_WS_CACHE_DIR`` or ``~/.cache/clap-ws``.
 
 If nothing is found clap-ws fails at once with a message that names the file,
@@ -25,8 +28,10 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelError
+from .transformers_folder import hub_snapshot, is_transformers_folder
 
 DEFAULT_CHECKPOINT = "630k-audioset-best.pt"
 KNOWN_CHECKPOINTS = {
@@ -53,8 +58,11 @@ def find_checkpoint(checkpoint: str | os.PathLike | None, cache: Path) -> Path |
     value = checkpoint or os.environ.get("CLAP_CHECKPOINT_PATH")
     if value:
         path = Path(value).expanduser()
-        if path.is_file():
+        if path.is_file() or is_transformers_folder(path):
             return path
+        if path.is_dir():
+            raise ModelError(f"{path} is a folder without config.json: not a transformers CLAP model "
+                             f"(a LAION checkpoint is a .pt file)")
         if path.name == str(value) and (cache / path.name).is_file():
             return cache / path.name
         raise ModelError(
@@ -100,7 +108,10 @@ def fetch(url: str, dest: Path, timeout: float = 15.0, progress: bool = True) ->
 
 def download(name: str = DEFAULT_CHECKPOINT, cache: Path | None = None, *, base_url: str | None = None,
              tokenizer_url: str | None = None, timeout: float = 15.0, progress: bool = True) -> Path:
-    """Fetch a published checkpoint and the roberta-base tokenizer files into ``cache``."""
+    """Fetch a published checkpoint and the roberta-base tokenizer files into ``cache``; or, for ``ORG/NAME``,
+    a transformers CLAP repository into the Hugging Face cache."""
+    if "/" in name:
+        return hub_snapshot(name, download=True)
     cache = cache or cache_dir()
     if name not in KNOWN_CHECKPOINTS:
         _log.warning("%s is not one of the known LAION-CLAP checkpoints (%s)", name, ", ".join(KNOWN_CHECKPOINTS))
@@ -145,22 +156,39 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
                audio_model: str = "HTSAT-tiny", device: str | None = None, precision: str = "auto",
                chunk: int = 0, compile: bool = False, engine: str = "torch",
                cache: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
-               allow_pickle: bool = False, download_missing: bool = False):
+               allow_pickle: bool = False, download_missing: bool = False, repo_id: str | None = None):
     """Build the one model a process serves, from the options every subcommand shares.
 
-    It is built on a thread that ends (see :func:`_on_a_thread_that_ends`).
+    ``repo_id`` (``--model``, or ``CLAP_MODEL``) names a transformers repository in the local
+    Hugging Face cache; ``download_missing`` fetches it, or the default
+    checkpoint, when absent. It is built on a thread that ends (see
+    :func:`_on_a_thread_that_ends`).
     """
     from .checkpoint import Architecture
     from .clap import ClapModel
     from .tokenizer import find_tokenizer
 
     folder = cache_dir(cache)
+    repo = repo_id or (None if checkpoint or untrained else os.environ.get("CLAP_MODEL"))
+    if sum(map(bool, (untrained, checkpoint, repo))) > 1:
+        raise ModelError("--untrained, --checkpoint and --model exclude each other")
     if untrained:
-        if checkpoint:
-            raise ModelError("--untrained and --checkpoint exclude each other")
         return ClapModel.untrained(Architecture(audio_model), seed=seed, device=device, precision=precision,
                                    chunk=chunk, compile=compile, engine=engine)
+    options: dict[str, Any] = dict(device=device, precision=precision, chunk=chunk, compile=compile, engine=engine)
+    if repo:
+        try:
+            snapshot = hub_snapshot(repo)
+        except ModelError:
+            if not download_missing:
+                raise
+            snapshot = hub_snapshot(repo, download=True)
+        tokenizer = find_tokenizer(tokenizer_dir, folder) if tokenizer_dir else None
+        return ClapModel.from_transformers(snapshot, name=repo, tokenizer=tokenizer, **options)
     path = find_checkpoint(checkpoint, folder)
+    if path is not None and path.is_dir():  # a transformers folder brings its own tokenizer
+        tokenizer = find_tokenizer(tokenizer_dir, folder) if tokenizer_dir else None
+        return ClapModel.from_transformers(path, tokenizer=tokenizer, **options)
     if path is None:
         if not download_missing:
             raise ModelError(missing_checkpoint_message(folder))
@@ -172,6 +200,5 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
     if tokenizer is None:
         _log.warning("roberta-base tokenizer files not found: text features are unavailable "
                      "(run `clap-ws download` or set CLAP_TOKENIZER_DIR); audio works")
-    return ClapModel.from_checkpoint(path, device=device, precision=precision, tokenizer=tokenizer,
-                                     tokenizer_source=source, allow_pickle=allow_pickle, chunk=chunk, compile=compile,
-                                     engine=engine)
+    return ClapModel.from_checkpoint(path, tokenizer=tokenizer, tokenizer_source=source,
+                                     allow_pickle=allow_pickle, **options)
