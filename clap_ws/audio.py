@@ -11,7 +11,7 @@ was wrong, before any work is queued.
 
 Windowing follows laion-clap (and transformers' ``repeatpad``) for clips up
 to 10 s: repeat the clip to fill 10 s, zero-pad the rest. laion-clap's int16
-round trip (:func:`quantize`) is the model's step, since transformers has
+round trip (:func:`clap_ws.model.towers.int16_round_trip`) is the model's step, since transformers has
 none (:class:`clap_ws.model.checkpoint.Preprocessing`). For longer clips laion-clap
 crops at random; here the choice is deterministic (``long_clip``):
 
@@ -128,12 +128,6 @@ def _clipping_warning(frames: np.ndarray, peak: float) -> str:
             else "; send float32 in [-1, 1], or normalize=peak")
     return (f"{beyond} of {frames.size} samples ({beyond / frames.size:.1%}) were beyond [-1, 1] "
             f"(peak {peak:.3g}) and were clipped{hint}")
-
-
-def quantize(clip: np.ndarray) -> np.ndarray:
-    """laion-clap's int16 round trip: clip to [-1, 1], scale, truncate, scale back."""
-    q = (np.clip(clip, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return (q / 32767.0).astype(np.float32)
 
 
 def repeat_pad(clip: np.ndarray, length: int = WINDOW_SAMPLES) -> np.ndarray:

@@ -22,9 +22,10 @@ Every option of every `clap-ws` subcommand, generated from the argument parser b
 the same. `./start_clap_service.sh [options]` runs `clap-ws serve --host ${HOST:-127.0.0.1} --port
 ${PORT:-32051} [options]`.
 
-Environment: `CLAP_CHECKPOINT_PATH` (checkpoint), `CLAP_DEVICE`, `CLAP_TOKENIZER_DIR`, `CLAP_WS_CACHE_DIR`,
-`CLAP_WS_TOKEN`, `CLAP_WS_CHECKPOINT_URL` and `CLAP_WS_TOKENIZER_URL` (download mirrors);
-`ONEDNN_MAX_CPU_ISA` (e.g. `AVX2`) makes the process run as a CPU with that instruction set would.
+Environment: `CLAP_CHECKPOINT_PATH` (checkpoint), `CLAP_MODEL` (`--model`), `CLAP_DEVICE`, `CLAP_TOKENIZER_DIR`,
+`CLAP_WS_CACHE_DIR`, `CLAP_WS_TOKEN`, `CLAP_WS_CHECKPOINT_URL` and `CLAP_WS_TOKENIZER_URL` (download mirrors);
+`ONEDNN_MAX_CPU_ISA` (e.g. `AVX2`) makes the process run as a CPU with that instruction set would;
+`HF_HOME`, `HF_HUB_CACHE` and `HF_HUB_OFFLINE` are huggingface_hub's own (where `--model` looks).
 
 Two limits look alike and differ on purpose: `serve --max-seconds` (60) bounds what one client may send in one
 clip, while `library build --max-seconds` (600) skips longer files in a folder you chose to embed.

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from helpers import chirp, noise, tone
 
-from clap_ws.audio import AudioSpec, decode_pcm, load, quantize, window_starts, windows
+from clap_ws.audio import AudioSpec, decode_pcm, load, window_starts, windows
 from clap_ws.constants import WINDOW_SAMPLES
 from clap_ws.errors import AudioError, ErrorCode
+from clap_ws.model.towers import int16_round_trip as quantize
 
 
 def dominant_hz(x: np.ndarray, sr: int) -> float:

@@ -13,7 +13,6 @@ from helpers import ROOT, chirp, cosine, noise, tone, write_laion_checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clap_ws.audio import quantize
 from clap_ws.errors import ModelError, TextUnavailable
 from clap_ws.extractor import CLAPExtractor
 from clap_ws.model import ClapModel
@@ -38,6 +37,7 @@ from clap_ws.model.towers import (
     own_copy,
     pack_linears,
 )
+from clap_ws.model.towers import int16_round_trip as quantize
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import quantize
 from ..constants import EMBED_DIM, SAMPLE_RATE, WINDOW_SAMPLES
 from ..cpu import has_native_bf16
 from ..errors import ModelError, TextUnavailable
@@ -86,6 +85,7 @@ from .towers import (
     can_pack_linears,
     cast_weights,
     chunk_sizes,
+    int16_round_trip,
     own_copy,
     pack_linears,
 )
@@ -323,7 +323,7 @@ class ClapModel:
 
     @torch.inference_mode()
     def _embed_chunk(self, windows: np.ndarray) -> np.ndarray:
-        windows = quantize(windows) if self.preprocessing.int16 else np.ascontiguousarray(windows)
+        windows = int16_round_trip(windows) if self.preprocessing.int16 else np.ascontiguousarray(windows)
         # One layout for every input: a size-1 axis may carry any stride (``clip[None]`` has 0), and a
         # compiled tower is specialised on strides, so it would recompile (7 s) on the first real sound.
         waveform = torch.from_numpy(windows).as_strided(windows.shape, (windows.shape[1], 1))

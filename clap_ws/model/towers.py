@@ -13,6 +13,7 @@
   as one module: the unit ``torch.compile`` sees, and what eager calls run;
   :class:`AudioBody` - the audio tower after its front end, for other engines;
 * :func:`fusion_mel` - the fusion models' input, in plain torch;
+* :func:`int16_round_trip` - laion-clap's quantisation of the waveform;
 * :func:`chunk_sizes` - how many windows go through the network per call.
 """
 
@@ -93,6 +94,13 @@ class FrontEnd(torch.nn.Module):
         with torch.autocast(waveform.device.type, enabled=False):
             mel = self.logmel(self.spectrogram(waveform.float()))
         return mel if self.dtype is None else mel.to(self.dtype)
+
+
+def int16_round_trip(windows: np.ndarray) -> np.ndarray:
+    """laion-clap's int16 round trip: clip to [-1, 1], scale, truncate, scale back (LAION models' first step;
+    transformers has none, :class:`~clap_ws.model.checkpoint.Preprocessing`)."""
+    q = (np.clip(windows, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return (q / np.float32(32767.0)).astype(np.float32)
 
 
 def chunk_sizes(count: int, chunk: int) -> list[int]:
