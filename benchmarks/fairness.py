@@ -1,15 +1,17 @@
 """A polite client beside a greedy one: how long one sound at a time waits while another keeps many in flight.
 
-    python benchmarks/fairness.py                          # this checkout
+    python benchmarks/fairness.py                          # this checkout, default and --max-batch-ms 0
     python benchmarks/fairness.py --old /tmp/before        # and another checkout, rounds alternating
+    python benchmarks/fairness.py --variant "batch 8=--max-batch 8"   # more server options side by side
 
 The greedy client keeps ``--in-flight`` 2-s sounds pipelined on one
 connection for the whole round; the polite client sends one 2-s sound, waits
 for its reply, and sends the next. The baseline in the same run is the polite
 client alone. With one FIFO queue across connections the polite client waits
-for the greedy backlog; served round-robin it waits about one batch. Each
-checkout's server runs in its own process (``--untrained``); with ``--old``
-the rounds alternate between the two servers, so drift on a shared host hits
+for the greedy backlog; served round-robin it waits about one batch, and
+with ``--max-batch-ms`` a short one. Each server runs in its own process
+(``--untrained --audio-cache 0``: the sounds repeat); the rounds alternate
+between the servers, so drift on a shared host hits
 both alike. Reports medians and the ratio to the polite-alone baseline, with
 the CPU's instruction set.
 """
@@ -65,15 +67,17 @@ async def throughput(port: int, clients: int, sounds: int) -> float:
     return clients * sounds / (time.perf_counter() - started)
 
 
-async def round_for(port: int, sounds: int, in_flight: int) -> tuple[list[float], list[float]]:
+async def round_for(port: int, sounds: int, in_flight: int) -> tuple[list[float], list[float], float]:
+    """Polite latencies alone and beside the greedy client, and the greedy client's sounds/s meanwhile."""
     alone = await polite(port, sounds)
     stop = asyncio.Event()
     hog = asyncio.ensure_future(greedy(port, in_flight, stop))
     await asyncio.sleep(1.0)  # the backlog is queued
+    started = time.perf_counter()
     beside = await polite(port, sounds)
     stop.set()
-    await hog
-    return alone, beside
+    answered = await hog
+    return alone, beside, answered / (time.perf_counter() - started + 1.0)
 
 
 def main(argv=None) -> int:
@@ -83,19 +87,26 @@ def main(argv=None) -> int:
     parser.add_argument("--sounds", type=int, default=8, help="polite sounds per round and condition")
     parser.add_argument("--in-flight", type=int, default=64, help="sounds the greedy client keeps queued")
     parser.add_argument("--clients", type=int, default=16, help="clients of the throughput rounds (0: none)")
+    parser.add_argument("--variant", action="append", metavar="NAME=OPTIONS",
+                        help='this checkout with other serve options, e.g. "batch 8=--max-batch 8" (repeatable; '
+                             'default: "max-batch-ms 0=--max-batch-ms 0", the behaviour before the latency target)')
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    roots = {"new": ROOT} | ({"old": Path(args.old).resolve()} if args.old else {})
-    servers = {name: Server(["-m", "clap_ws", "serve", "--untrained"], name, root=root)
-               for name, root in roots.items()}
-    results: dict[str, dict[str, list[float]]] = {name: {"alone": [], "beside": [], "throughput": []}
-                                                  for name in servers}
+    base = ["-m", "clap_ws", "serve", "--untrained", "--audio-cache", "0"]
+    runs = {"new": (ROOT, [])} | ({"old": (Path(args.old).resolve(), [])} if args.old else {})
+    for variant in args.variant if args.variant is not None else ["max-batch-ms 0=--max-batch-ms 0"]:
+        name, _, options = variant.partition("=")
+        runs[name] = (ROOT, options.split())
+    servers = {name: Server([*base, *options], name, root=root) for name, (root, options) in runs.items()}
+    results: dict[str, dict[str, list[float]]] = {
+        name: {"alone": [], "beside": [], "greedy": [], "throughput": []} for name in servers}
     try:
         for r in range(args.rounds):
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                alone, beside = asyncio.run(round_for(servers[name].port, args.sounds, args.in_flight))
+                alone, beside, rate = asyncio.run(round_for(servers[name].port, args.sounds, args.in_flight))
                 results[name]["alone"] += alone
                 results[name]["beside"] += beside
+                results[name]["greedy"].append(rate)
                 if args.clients:
                     results[name]["throughput"].append(
                         asyncio.run(throughput(servers[name].port, args.clients, args.sounds)))
@@ -106,13 +117,13 @@ def main(argv=None) -> int:
             server.stop()
     lines = [f"{describe()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; greedy client keeps "
              f"{args.in_flight} 2-s sounds in flight; {args.rounds} rounds x {args.sounds} polite sounds", "",
-             f"| checkout | polite alone p50 ms | beside greedy p50 ms | p95 ms | x alone | "
-             f"{args.clients} clients, sounds/s (median) |", "|---|---|---|---|---|---|"]
+             f"| server | polite alone p50 ms | beside greedy p50 ms | p95 ms | x alone | greedy sounds/s | "
+             f"{args.clients} clients, sounds/s (median) |", "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         alone, beside = np.median(row["alone"]), np.median(row["beside"])
         rate = f"{np.median(row['throughput']):.1f}" if row["throughput"] else ""
         lines.append(f"| {name} | {alone:.0f} | {beside:.0f} | {np.percentile(row['beside'], 95):.0f} | "
-                     f"{beside / alone:.1f} | {rate} |")
+                     f"{beside / alone:.1f} | {np.median(row['greedy']):.1f} | {rate} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fairness.md").write_text("\n".join(lines) + "\n")

@@ -2,7 +2,7 @@
 
 :class:`MicroBatcher` is the one place that knows about batching, in the
 spirit of Ray Serve's ``@serve.batch``: it has two knobs, ``max_batch`` and
-``max_wait_ms``, and a handler that maps a list of items to their results
+``max_wait_ms``, a latency target ``max_batch_ms``, and a handler that maps a list of items to their results
 (a list, or an iterator whose results are settled as they come, so the first
 items of a long batch need not wait for the last). Callers on the asyncio loop :meth:`~MicroBatcher.submit` an item and
 await a future; a single worker thread takes whatever is pending (up to
@@ -24,7 +24,14 @@ spinning on a 2-core machine slows the first.
 Fair by design: each item is queued under its caller's ``key`` (a
 connection), and a batch takes one item from each waiting caller in turn, so
 a caller with one item in flight waits about one batch whatever another has
-queued. Bounded by design: the queue holds at most ``max_queue`` units of
+queued. Short batches: a batch holds the work that fits in ``max_batch_ms``
+at the measured cost per unit (a running average over past batches), or one
+turn of every waiting caller if that is more, so a newcomer waits for a short
+batch in progress and rides the next; equal callers still share one batch.
+One caller alone gets short batches too: a long one in progress is what a
+newcomer would wait for (figures: ``docs/performance.md``).
+
+Bounded by design: the queue holds at most ``max_queue`` units of
 ``cost`` (the server counts 10-s windows and texts, the work a request buys),
 and past that :meth:`submit` raises :class:`~clap_ws.errors.Busy` at once; an
 item costing more than the whole queue can hold is ``too_many_items``. A
@@ -77,17 +84,20 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
+        max_batch_ms: float = 0.0,
         name: str = "clap-inference",
         on_start: Callable[[], object] | None = None,
     ):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or max_batch_ms < 0:
+            raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms and max_batch_ms >= 0")
         self.handler = handler
         self.on_start = on_start  # runs on the worker thread before its first batch
         self.ready = threading.Event()
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_batch_ms = max_batch_ms  # 0: no latency target, batches of up to max_batch
+        self.ms_per_unit: float | None = None  # measured: running average of batch time per unit of cost
         self.name = name
         self.batches = 0  # handler calls
         self.items = 0  # items handed to the handler
@@ -196,18 +206,36 @@ class MicroBatcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            budget = self._budget()
             batch: list[_Pending[T]] = []
-            while len(batch) < self.max_batch and self._queues:  # round-robin: one per caller per turn
+            cost = 0
+            full = False
+            while not full and self._queues:  # round-robin: one per caller per turn
                 for key in list(self._queues):
+                    if batch and cost + self._queues[key][0].cost > budget:
+                        full = True
+                        break
                     queue = self._queues.pop(key)
-                    batch.append(queue.popleft())
-                    if queue:  # to the back of the line, so callers beyond max_batch get the next batch
+                    pending = queue.popleft()
+                    batch.append(pending)
+                    cost += pending.cost
+                    if queue:  # to the back of the line, so callers beyond the batch get the next one
                         self._queues[key] = queue
                     if len(batch) == self.max_batch:
+                        full = True
                         break
             self._depth -= len(batch)
-            self._load -= sum(p.cost for p in batch)
+            self._load -= cost
             return batch
+
+    def _budget(self) -> float:
+        """Units of cost the next batch may hold: what fits in ``max_batch_ms`` at the measured cost per unit,
+        but never less than one turn of every waiting caller, so equal callers lose nothing to the target;
+        unbounded without a target or before the first measurement."""
+        if not self.max_batch_ms or self.ms_per_unit is None:
+            return float("inf")
+        turn = sum(queue[0].cost for queue in self._queues.values())
+        return max(1.0, turn, self.max_batch_ms / self.ms_per_unit)
 
     def _run(self) -> None:
         if self.on_start is not None and not self.ready.is_set():
@@ -225,6 +253,7 @@ class MicroBatcher(Generic[T, R]):
     def _process(self, batch: list[_Pending[T]]) -> None:
         self.batches += 1
         self.items += len(batch)
+        started = time.perf_counter()
         answered = 0  # results are settled as the handler yields them: the first items need not wait for the last
         try:
             for result in self.handler([p.item for p in batch]):
@@ -237,6 +266,8 @@ class MicroBatcher(Generic[T, R]):
                 answered += 1
             if answered != len(batch):
                 raise RuntimeError(f"handler returned {answered} results for {len(batch)} items")
+            per_unit = (time.perf_counter() - started) * 1000 / sum(p.cost for p in batch)
+            self.ms_per_unit = per_unit if self.ms_per_unit is None else 0.8 * self.ms_per_unit + 0.2 * per_unit
         except Exception as exc:  # one bad batch must not end the worker
             _log.exception("inference batch of %d failed", len(batch))
             error = exc if isinstance(exc, ClapError) else ClapError(f"inference failed: {exc}")

@@ -38,6 +38,9 @@ _SERVER_HELP = {
     "max_seconds": "longest clip accepted, in seconds (default %(default)s)",
     "max_batch": "most requests gathered into one batch (default %(default)s)",
     "max_wait_ms": "how long a batch waits for more requests (default %(default)s ms)",
+    "max_batch_ms": "latency target: a batch holds about this much model time (measured per window), or one "
+                    "request of every waiting connection if that is more, so a newcomer is never stuck behind a "
+                    "long batch (default %(default)s; 0: batches of up to --max-batch)",
     "max_queue": "units of work (10-s audio windows and texts) waiting for the model before replies are `busy` "
                  "(default %(default)s)",
     "max_items": "most buffers, embeddings, texts, prompts or references in one request (default %(default)s)",

@@ -143,7 +143,8 @@ class ClapServer:
         self.state = ServerState(config)
         self.service = Service(
             model, state=self.state, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-            max_queue=config.max_queue, max_seconds=config.max_seconds, warm_up=config.warm_up,
+            max_batch_ms=config.max_batch_ms, max_queue=config.max_queue, max_seconds=config.max_seconds,
+            warm_up=config.warm_up,
             libraries=list(libraries), archives=archives, projection=projection, text_cache=config.text_cache,
             audio_cache=config.audio_cache,
         )

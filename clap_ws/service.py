@@ -85,6 +85,7 @@ class Service:
     """The application: embeddings, similarity, libraries, archives."""
 
     def __init__(self, model: ClapModel, *, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024,
+                 max_batch_ms: float = 0.0,
                  max_seconds: float = 60.0, warm_up: bool = True, libraries: Sequence[Library] = (),
                  archives: Archives | None = None, projection: Projection | None = None,
                  text_cache: int = 4096, audio_cache: int = 2048, state: ServerState | None = None):
@@ -95,7 +96,7 @@ class Service:
         self.metrics.observe_state(self.metrics_state)
         self.inference = Inference(model, self.metrics)
         self.batcher = MicroBatcher(
-            self.inference.stream, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            self.inference.stream, max_batch=max_batch, max_wait_ms=max_wait_ms, max_batch_ms=max_batch_ms,
             max_queue=max_queue, on_start=model.warm_up if warm_up else None,
         )
         identity = model_identity(model)

@@ -26,6 +26,7 @@ class ServerConfig:
     max_seconds: float = 60.0
     max_batch: int = 32
     max_wait_ms: float = 0.0  # batches still form while the model is busy; see batching.py
+    max_batch_ms: float = 100.0  # a batch holds about this much model time, or one turn of every waiting client
     max_queue: int = 1024
     max_items: int = 1024  # buffers, embeddings, texts or prompts per request
     max_frame_mb: float = 128.0

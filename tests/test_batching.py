@@ -176,3 +176,59 @@ async def test_withdraw_takes_a_queued_item_out_at_once_but_lets_a_running_one_f
         rec.gate.set()
         assert await asyncio.wait_for(running_item, 10) == 10  # the running one's result stands
     assert rec.batches == [[1]]
+
+
+class Timed(Recorder):
+    """A handler that takes ``ms`` per item, like a model whose cost grows with the batch."""
+
+    def __init__(self, ms: float):
+        super().__init__()
+        self.ms = ms
+
+    def __call__(self, items):
+        import time
+
+        time.sleep(self.ms * len(items) / 1000)
+        return super().__call__(items)
+
+
+async def test_batches_are_sized_from_the_latency_target_and_the_measured_cost():
+    """max_batch_ms with 20 ms per item: 3 items per batch for a caller alone or two callers, so a newcomer rides
+    the very next short batch; 8 equal callers still share one batch (one turn of everyone waiting)."""
+    handler = Timed(20)
+    async with running(handler, max_batch=32, max_batch_ms=60) as batcher:
+        await batcher.submit(-1, key="greedy")  # the first batch measures the cost per item
+        assert batcher.ms_per_unit == pytest.approx(20, abs=15)
+        handler.gate.clear()
+        handler.entered.clear()
+        first = batcher.submit(-2, key="greedy")
+        assert await asyncio.to_thread(handler.entered.wait, 10)
+        greedy = [batcher.submit(i, key="greedy") for i in range(12)]
+        polite = batcher.submit(1000, key="polite")
+        handler.gate.set()
+        await asyncio.gather(first, polite, *greedy)
+        sizes = [len(b) for b in handler.batches[2:]]
+        assert 1000 in handler.batches[2] and max(sizes) <= 4 and len(sizes) >= 4
+        handler.batches.clear()
+        handler.gate.clear()
+        handler.entered.clear()
+        first = batcher.submit(-3, key="x")
+        assert await asyncio.to_thread(handler.entered.wait, 10)
+        equal = [batcher.submit(c, key=c) for c in range(8)]
+        handler.gate.set()
+        await asyncio.gather(first, *equal)
+        assert handler.batches[1:] == [list(range(8))]
+
+
+async def test_without_a_latency_target_a_caller_alone_gets_long_batches():
+    handler = Timed(5)
+    async with running(handler, max_batch=32, max_batch_ms=0) as batcher:
+        await batcher.submit(-1)
+        handler.gate.clear()
+        handler.entered.clear()
+        first = batcher.submit(-2)
+        assert await asyncio.to_thread(handler.entered.wait, 10)
+        rest = [batcher.submit(i) for i in range(20)]
+        handler.gate.set()
+        await asyncio.gather(first, *rest)
+        assert handler.batches[2:] == [list(range(20))]
