@@ -535,7 +535,9 @@ class Service:
             "archives": service.archives.sizes(),
             "info": {"version": __version__, "model": model["model"],
                      "checkpoint_sha256": model["checkpoint_sha256"] or "", "device": model["device"],
-                     "precision": model["precision"], "engine": model["engine"]},
+                     "precision": model["precision"], "engine": model["engine"],
+                     "engine_ms_per_window": ",".join(f"{k}={v}" for k, v in
+                                                      (model["engine_auto"] or {}).get("ms_per_window", {}).items())},
         }
 
     def info(self) -> dict:

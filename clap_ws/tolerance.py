@@ -34,6 +34,12 @@ def bounds(precision: str) -> tuple[float, float]:
     return BF16_MAX_ABS, BF16_MIN_COSINE
 
 
+def engine_min_cosine(precision: str) -> float:
+    """The least cosine another engine's embeddings may have to torch's fp32 ones and still serve: in fp32 the
+    engines differ only in summation order and kernels (measured: 0.999999 or closer), in bf16 by the bf16 bound."""
+    return 0.99999 if precision == "fp32" else BF16_MIN_COSINE
+
+
 def disagreement(a, b) -> tuple[float, float]:
     """``(max abs difference, min row cosine)`` of two arrays of embeddings of the same shape."""
     a64, b64 = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from clap_ws.model import ClapModel
 from clap_ws.server import ClapServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+# OpenVINO's export and compiled code for the processes the tests start (keyed by model and versions): shared,
+# so that only the first server of a run pays for --engine auto's export
+ENGINE_CACHE = Path(tempfile.gettempdir()) / f"clap-ws-test-engines-{os.getuid()}"
 
 
 # ---- audio ----------------------------------------------------------------
@@ -195,7 +199,7 @@ async def ask(ws, message) -> dict:
 # ---- processes ---------------------------------------------------------------------
 def offline_env(tmp_path, **extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CLAP_WS_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=str(ROOT), PYTHON=sys.executable)
+               PYTHONPATH=str(ROOT), PYTHON=sys.executable, CLAP_WS_ENGINE_CACHE=str(ENGINE_CACHE))
     env.pop("CLAP_CHECKPOINT_PATH", None)
     env.update(extra)
     return env

@@ -4,6 +4,7 @@ import asyncio
 import importlib.util
 import json
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -19,9 +20,13 @@ from helpers import (
     tone,
 )
 
+from clap_ws import tolerance
 from clap_ws.errors import ModelError
 from clap_ws.model import ClapModel
 from clap_ws.model.checkpoint import Architecture
+from clap_ws.model.engine_choice import MARGIN, candidates
+from clap_ws.model.weights import load_model
+from clap_ws.tolerance import engine_min_cosine
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="needs openvino: pip install -e '.[engines]'")
@@ -101,5 +106,64 @@ def test_openvino_engine_without_its_packages_says_how_to_install_them(monkeypat
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else find_spec(name, *a))
-    with pytest.raises(ModelError, match=r"needs openvino: pip install 'clap-ws\[openvino\]'"):
+    with pytest.raises(ModelError, match=r"OpenVINO is not installed \(openvino: pip install 'clap-ws\[openvino\]'\)"):
         ClapModel.untrained(engine="openvino")
+    assert candidates(ClapModel.untrained(precision="fp32"))["openvino"].startswith("not installed")
+
+
+def test_engine_candidates_say_why_openvino_cannot_run():
+    fusion = ClapModel.untrained(Architecture("HTSAT-tiny", "aff_2d"), precision="fp32")
+    assert candidates(fusion) == {"torch": None, "openvino": "fusion models take data-dependent paths"}
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_engine_auto_measures_checks_and_serves_with_the_faster(tmp_path, fp32_model):
+    """load_model(engine="auto"): both engines measured on the model in its precision, each checked against torch
+    fp32, the faster kept (torch unless another is MARGIN faster); a restart reads OpenVINO's export from disk."""
+    model = load_model(untrained=True, engine="auto", cache=tmp_path)
+    choice = model.describe()["engine_auto"]
+    ms = choice["ms_per_window"]
+    assert set(ms) == {"torch", "openvino"} and all(v > 0 for v in ms.values())
+    assert min(choice["cosine_to_torch_fp32"].values()) >= engine_min_cosine(model.precision)
+    if choice["chosen"] == "openvino":
+        assert ms["openvino"] <= MARGIN * ms["torch"] and model.describe()["engine"].startswith("openvino")
+    else:
+        assert choice["chosen"] == "torch" and "openvino" in choice["left_out"] and model.engine == "torch"
+    windows = ten_second_windows()
+    ours, truth = model.embed_windows(windows), fp32_model.embed_windows(windows)
+    assert tolerance.disagreement(ours, truth)[1] >= engine_min_cosine(model.precision)
+    assert list((tmp_path / "engines").glob("*.onnx"))  # the export, kept for the next start
+    again = load_model(untrained=True, engine="openvino", cache=tmp_path)
+    assert again._openvino.cached
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_engine_auto_serves_with_torch_when_openvino_fails(tmp_path):
+    """An OpenVINO that cannot load (here a broken package ahead of the real one) is left out, said once, and
+    torch serves; info and /metrics name the engine and the times."""
+    broken = tmp_path / "shadow" / "openvino"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this OpenVINO is broken on purpose')\n")
+    env = offline_env(tmp_path)
+    env["PYTHONPATH"] = f"{broken.parent}:{env['PYTHONPATH']}"
+    server = Served([sys.executable, "-m", "clap_ws", "serve", "--untrained", "--port", "0"], env)
+
+    async def ask_info(port):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/clap", max_size=None) as ws:
+            await ws.send(json.dumps({"op": "info"}))
+            return json.loads(await asyncio.wait_for(ws.recv(), 120))
+
+    try:
+        port = server.wait_for_port(timeout=300)
+        info = asyncio.run(ask_info(port))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    finally:
+        server.kill()
+    assert info["engine"] == "torch" and info["engine_auto"]["chosen"] == "torch"
+    assert "broken on purpose" in info["engine_auto"]["left_out"]["openvino"]
+    assert server.log().count("engine openvino left out: failed to build") == 1
+    assert "engine auto chose torch" in server.log()
+    line = next(line for line in metrics.splitlines() if line.startswith("clap_ws_build_info"))
+    assert 'engine="torch"' in line and 'engine_ms_per_window="torch=' in line

@@ -92,7 +92,7 @@ from .towers import (
 from .transformers_folder import TransformersFolder, is_transformers_folder, mel_bank
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ENGINES = ("torch", "openvino")
+ENGINES = ("torch", "openvino")  # what a ClapModel runs; "auto" (weights.load_model) measures and picks one
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CHUNK, GPU_CHUNK = 4, 32
 TEXT_CHUNK = 64  # texts per text-tower call; 64 x 77 tokens need about 30 MB of activations
@@ -158,6 +158,8 @@ class ClapModel:
     pack: bool = True  # lay linears out once for oneDNN where that pays (a CPU); False: plain, for baselines
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # the family's steps before the network
     max_tokens: int = MAX_TOKENS  # longer texts are cut here (laion-clap: 77; transformers folders: 512)
+    engine_cache: Path | None = None  # where OpenVINO keeps its export and compiled code across restarts
+    engine_choice: Any = None  # what --engine auto measured (engine_choice.EngineChoice), if it chose
     _autocast: Callable[[], contextlib.AbstractContextManager] = field(init=False, repr=False)
     _openvino: OpenVinoAudio | None = field(init=False, repr=False, default=None)
     _audio: Callable[..., torch.Tensor] = field(init=False, repr=False)
@@ -181,7 +183,7 @@ class ClapModel:
             with torch.inference_mode():
                 mel = FrontEnd(self.net.audio_branch)(torch.zeros(1, WINDOW_SAMPLES, device=self.device))
             self._openvino = OpenVinoAudio(body, (mel.shape[2], mel.shape[3]), self.precision, self.chunk,
-                                           torch.get_num_threads())
+                                           torch.get_num_threads(), self.engine_cache, self._export_key())
         dtype = _DTYPES[self.precision]
         cast = self.precision != "fp32" and not self.autocast
         if cast:  # the weights, once (under autocast they stay fp32 and each call casts)
@@ -221,6 +223,17 @@ class ClapModel:
         if self.compile:
             raise ModelError("--engine openvino and --compile are two ways to compile the audio encoder: pick one")
 
+    def _export_key(self) -> str:
+        """What identifies the exported audio body: the weights, the architecture and the code that exports."""
+        import hashlib
+
+        from .. import __version__
+
+        ident = self.identity
+        parts = [ident.sha256 or f"untrained-{ident.seed}", self.architecture.describe(), __version__,
+                 torch.__version__]
+        return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
     # ---- construction -------------------------------------------------
     def variant(self, **changes) -> ClapModel:
         """Another model over this one's network with some options changed (``tokenizer``, ``chunk``, ...).
@@ -245,9 +258,9 @@ class ClapModel:
 
     @classmethod
     def untrained(cls, architecture: Architecture | None = None, seed: int = 0, device: str | None = None,
-                  precision: str = "auto", chunk: int = 0, compile: bool = False,
-                  engine: str = "torch") -> ClapModel:
-        """laion-clap's architecture with seeded random weights. Its output means nothing."""
+                  precision: str = "auto", **options) -> ClapModel:
+        """laion-clap's architecture with seeded random weights. Its output means nothing. ``options``: the
+        constructor's (``chunk``, ``compile``, ``engine``, ``engine_cache``, ``pack``)."""
         architecture = architecture or Architecture()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -255,20 +268,18 @@ class ClapModel:
         dev = resolve_device(device)
         return cls(net=net.to(dev), architecture=architecture, identity=Identity("untrained", seed=seed), device=dev,
                    precision=resolve_precision(precision, dev), tokenizer=byte_level_tokenizer(),
-                   tokenizer_source="built-in byte-level BPE (untrained)", chunk=chunk, compile=compile, engine=engine)
+                   tokenizer_source="built-in byte-level BPE (untrained)", **options)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None,
                         precision: str = "auto", tokenizer=None, tokenizer_source: str = "none",
-                        allow_pickle: bool = False, chunk: int = 0, compile: bool = False,
-                        engine: str = "torch") -> ClapModel:
+                        allow_pickle: bool = False, **options) -> ClapModel:
         """Load a LAION-CLAP checkpoint file (the architecture comes from its tensors), or a transformers
-        folder (:meth:`from_transformers`)."""
+        folder (:meth:`from_transformers`). ``options``: the constructor's (``chunk``, ``engine``, ...)."""
         path = Path(path)
         if is_transformers_folder(path):
             return cls.from_transformers(Path(path), device=device, precision=precision, tokenizer=tokenizer,
-                                         tokenizer_source=tokenizer_source, chunk=chunk, compile=compile,
-                                         engine=engine)
+                                         tokenizer_source=tokenizer_source, **options)
         state = read_checkpoint(path, allow_pickle)
         architecture = detect_architecture(state)
         net = cls.build_network(architecture)
@@ -277,13 +288,12 @@ class ClapModel:
         identity = Identity(path.name, sha256_of(path), str(path.resolve()))
         return cls(net=net.to(dev), architecture=architecture, identity=identity, device=dev,
                    precision=resolve_precision(precision, dev), tokenizer=tokenizer, tokenizer_source=tokenizer_source,
-                   chunk=chunk, compile=compile, engine=engine)
+                   **options)
 
     @classmethod
     def from_transformers(cls, folder: str | Path | TransformersFolder, name: str | None = None,
                           device: str | None = None, precision: str = "auto", tokenizer=None,
-                          tokenizer_source: str | None = None, chunk: int = 0, compile: bool = False,
-                          engine: str = "torch") -> ClapModel:
+                          tokenizer_source: str | None = None, **options) -> ClapModel:
         """Load a transformers CLAP folder (``save_pretrained``, a Hub snapshot) into laion-clap's network.
 
         The architecture comes from ``config.json`` and is checked against the
@@ -305,8 +315,8 @@ class ClapModel:
         max_tokens = min(getattr(tokenizer, "model_max_length", 512), hf.text_config["max_position_embeddings"] - 2)
         return cls(net=net.to(dev), architecture=hf.architecture, identity=Identity(hf.name, hf.sha256(),
                    str(hf.path.resolve())), device=dev, precision=resolve_precision(precision, dev),
-                   tokenizer=tokenizer, tokenizer_source=tokenizer_source or "given", chunk=chunk, compile=compile,
-                   engine=engine, preprocessing=hf.preprocessing, max_tokens=max_tokens)
+                   tokenizer=tokenizer, tokenizer_source=tokenizer_source or "given",
+                   preprocessing=hf.preprocessing, max_tokens=max_tokens, **options)
 
     # ---- inference (one thread at a time) -----------------------------
     def embed_windows(self, windows: np.ndarray) -> np.ndarray:
@@ -404,6 +414,7 @@ class ClapModel:
             "chunk": self.chunk,
             "compiled": self.compile,
             "engine": f"openvino {self._openvino.version}" if self._openvino else "torch",
+            "engine_auto": self.engine_choice.describe() if self.engine_choice else None,
             "dimension": EMBED_DIM,
             "model_sample_rate": SAMPLE_RATE,
             "text": self.tokenizer is not None,

@@ -33,6 +33,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,6 +45,12 @@ from ..errors import ModelError
 
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _NEEDS = ("openvino", "onnx", "onnxscript")  # onnx and onnxscript: torch.onnx's exporter
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here (a package missing), or None."""
+    missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
+    return f"not installed ({', '.join(missing)}: pip install 'clap-ws[openvino]')" if missing else None
 
 
 def openvino_version() -> str | None:
@@ -62,10 +69,13 @@ class OpenVinoAudio:
     <clap_ws.model.towers.AudioBody.of>`). Call from one thread at a time.
     """
 
-    def __init__(self, body: torch.nn.Module, mel_shape: tuple[int, int], precision: str, chunk: int, threads: int):
-        missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
+    def __init__(self, body: torch.nn.Module, mel_shape: tuple[int, int], precision: str, chunk: int, threads: int,
+                 cache: Path | None = None, key: str | None = None):
+        """``cache`` (a folder) and ``key`` (what identifies ``body``'s weights) keep the export and the compiled
+        code on disk, so a restart with the same model skips both."""
+        missing = openvino_missing()
         if missing:
-            raise ModelError(f"--engine openvino needs {', '.join(missing)}: pip install 'clap-ws[openvino]'")
+            raise ModelError(f"--engine openvino: OpenVINO is {missing}")
         import openvino
 
         self.version = openvino_version()
@@ -75,9 +85,17 @@ class OpenVinoAudio:
         core = openvino.Core()
         self.calls: collections.Counter = collections.Counter()  # calls per size, for tests and curiosity
         self._requests = {}
+        self.cached = False  # whether the export came from the disk cache
         with tempfile.TemporaryDirectory(prefix="clap-ws-openvino-") as folder:
             path = Path(folder) / "audio.onnx"
-            export_onnx(body, torch.zeros(2, 1, frames, bins), path)
+            if cache is not None and key is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache / "compiled")})
+                path, self.cached = cache / f"{key}.onnx", (cache / f"{key}.onnx").is_file()
+            if not self.cached:
+                part = path.with_name(f"{path.stem}.{os.getpid()}.part")  # processes starting at once
+                export_onnx(body, torch.zeros(2, 1, frames, bins), part)
+                part.replace(path)  # atomic: a process killed mid-export leaves no half file
             exported = core.read_model(str(path))
             size = 1
             while size <= chunk:

@@ -164,18 +164,44 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, untrained: bool =
     checkpoint, when absent. It is built on a thread that ends (see
     :func:`_on_a_thread_that_ends`).
     """
-    from .checkpoint import Architecture
-    from .clap import ClapModel
-    from .tokenizer import find_tokenizer
+    from .clap import ENGINES, resolve_device, resolve_precision
 
     folder = cache_dir(cache)
     repo = repo_id or (None if checkpoint or untrained else os.environ.get("CLAP_MODEL"))
     if sum(map(bool, (untrained, checkpoint, repo))) > 1:
         raise ModelError("--untrained, --checkpoint and --model exclude each other")
+    if engine not in ("auto", *ENGINES):
+        raise ModelError(f"unknown engine {engine!r}: one of auto, {', '.join(ENGINES)}")
+    target = resolve_precision(precision, resolve_device(device))
+    options: dict[str, Any] = dict(device=device, chunk=chunk, compile=compile, engine_cache=engine_cache_dir(folder))
+    if engine == "torch":
+        return _build(folder, checkpoint, repo, untrained, seed, audio_model, tokenizer_dir, allow_pickle,
+                      download_missing, dict(options, precision=target))
+    # OpenVINO exports from the fp32 weights, so it is built over an fp32 model before anything casts them
+    reference = _build(folder, checkpoint, repo, untrained, seed, audio_model, tokenizer_dir, allow_pickle,
+                       download_missing, dict(options, precision="fp32", pack=False))
+    if engine == "openvino":
+        return reference.variant(engine="openvino", precision=target, pack=True)
+    from .engine_choice import choose_engine
+
+    return choose_engine(reference, target)
+
+
+def engine_cache_dir(cache: Path) -> Path:
+    """Where OpenVINO's export and compiled code are kept: ``CLAP_WS_ENGINE_CACHE``, else ``<cache>/engines``."""
+    return Path(os.environ.get("CLAP_WS_ENGINE_CACHE") or cache / "engines").expanduser()
+
+
+def _build(folder: Path, checkpoint, repo: str | None, untrained: bool, seed: int, audio_model: str, tokenizer_dir,
+           allow_pickle: bool, download_missing: bool, options: dict[str, Any]):
+    """The model of :func:`load_model`: random weights, a Hugging Face repository, a transformers folder or a
+    checkpoint; ``options`` go to the constructor."""
+    from .checkpoint import Architecture
+    from .clap import ClapModel
+    from .tokenizer import find_tokenizer
+
     if untrained:
-        return ClapModel.untrained(Architecture(audio_model), seed=seed, device=device, precision=precision,
-                                   chunk=chunk, compile=compile, engine=engine)
-    options: dict[str, Any] = dict(device=device, precision=precision, chunk=chunk, compile=compile, engine=engine)
+        return ClapModel.untrained(Architecture(audio_model), seed=seed, **options)
     if repo:
         try:
             snapshot = hub_snapshot(repo)

@@ -318,6 +318,8 @@ function renderPanel(info) {
     ["model", info.untrained ? "untrained (random weights)" : info.model],
     ["checkpoint", info.checkpoint_sha256 ? info.checkpoint_sha256.slice(0, 12) : "none"],
     ["device", `${info.device} · ${info.precision} · ${info.engine}`],
+    ...(info.engine_auto ? [["engine auto", Object.entries(info.engine_auto.ms_per_window)
+      .map(([name, v]) => `${name} ${v.toFixed(1)} ms`).join(", ") + " per window"]] : []),
     ["libraries", (info.libraries || []).map((l) => `${l.name} (${l.count})`).join(", ") || "none"],
     ["archives", String(info.archives ?? 0)],
     ["queue", String(info.queue_depth)],
