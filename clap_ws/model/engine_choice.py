@@ -8,8 +8,10 @@ embeddings of a few probe windows, builds each candidate in the target
 precision over the same weights, checks its embeddings against the
 reference (:func:`clap_ws.tolerance.engine_min_cosine`), times it in
 alternating rounds and keeps the fastest. Torch is kept unless another
-engine is at least :data:`MARGIN` faster, so the default is never slower
-than ``--engine torch`` by more than the measurement's noise.
+engine takes at most :data:`MARGIN` of its time: OpenVINO keeps its own
+weights per compiled shape (about 1.1 GB more for HTSAT-tiny) and shares the
+cores with torch's threads inside a server, so a 5 % gain alone was none end
+to end (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..constants import WINDOW_SAMPLES
 from ..tolerance import disagreement, engine_min_cosine
 from .openvino_audio import openvino_missing
 
-MARGIN = 0.97  # another engine must take at most this share of torch's time per window
+MARGIN = 0.90  # another engine must take at most this share of torch's time per window (see the docstring)
 _log = logging.getLogger(__name__)
 
 
