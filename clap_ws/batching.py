@@ -25,7 +25,7 @@ Fair by design: each item is queued under its caller's ``key`` (a
 connection), and a batch takes one item from each waiting caller in turn, so
 a caller with one item in flight waits about one batch whatever another has
 queued. Short batches: a batch holds the work that fits in ``max_batch_ms``
-at the measured cost per unit (a running average over past batches), or one
+at the cost per unit the worker observes (a running average over past batches), or one
 turn of every waiting caller if that is more, so a newcomer waits for a short
 batch in progress and rides the next; equal callers still share one batch.
 One caller alone gets short batches too: a long one in progress is what a
@@ -229,7 +229,7 @@ class MicroBatcher(Generic[T, R]):
             return batch
 
     def _budget(self) -> float:
-        """Units of cost the next batch may hold: what fits in ``max_batch_ms`` at the measured cost per unit,
+        """Units of cost the next batch may hold: what fits in ``max_batch_ms`` at the observed cost per unit,
         but never less than one turn of every waiting caller, so equal callers lose nothing to the target;
         unbounded without a target or before the first measurement."""
         if not self.max_batch_ms or self.ms_per_unit is None:

@@ -218,7 +218,7 @@ class Service:
             for (key, group), (clip, clip_notes) in zip(todo.items(), prepared):
                 for i in group:
                     notes[i] = clip_notes
-                if self.audio_cache.capacity and not clip.any():  # silence: the same model input at any length
+                if self.audio_cache.capacity and self.model.silent(clip):  # silence: one model input at any length
                     key = self._silence_key
                     silence = self.sounds.find(key, count=False)
                     if silence is not None:

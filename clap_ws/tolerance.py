@@ -36,7 +36,7 @@ def bounds(precision: str) -> tuple[float, float]:
 
 def engine_min_cosine(precision: str) -> float:
     """The least cosine another engine's embeddings may have to torch's fp32 ones and still serve: in fp32 the
-    engines differ only in summation order and kernels (measured: 0.999999 or closer), in bf16 by the bf16 bound."""
+    engines differ only in summation order and kernels (``docs/performance.md``), in bf16 by the bf16 bound."""
     return 0.99999 if precision == "fp32" else BF16_MIN_COSINE
 
 

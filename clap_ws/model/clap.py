@@ -362,6 +362,11 @@ class ClapModel:
             out.append(torch.nn.functional.normalize(raw.float(), dim=-1).cpu().numpy())
         return out[0] if len(out) == 1 else np.concatenate(out)
 
+    def silent(self, windows: np.ndarray) -> bool:
+        """Whether ``windows`` reach the network as all zeros (below int16's step, for LAION models)."""
+        peak = float(np.abs(windows).max(initial=0.0))
+        return peak * 32767.0 < 1.0 if self.preprocessing.int16 else peak == 0.0
+
     @property
     def audio_body(self) -> AudioBody:
         """The audio tower after its front end, as this model runs it (for engine benchmarks)."""

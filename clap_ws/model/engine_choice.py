@@ -1,17 +1,16 @@
 """``--engine auto``: measure the engines this machine can run on the loaded model, serve with the fastest.
 
-Which engine is fastest depends on the CPU (OpenVINO ran a window in 0.67x
-torch's time on an Intel AMX Xeon and gained nothing on an AMD EPYC), so it
-is measured, never assumed. :func:`choose_engine` takes the model built in
+Which engine is fastest depends on the CPU (OpenVINO was far faster than
+torch on an Intel AMX Xeon and gained nothing on an AMD EPYC; figures in
+``docs/performance.md``), so it is timed here, never assumed. :func:`choose_engine` takes the model built in
 fp32 with torch (its network not yet cast), computes the reference
 embeddings of a few probe windows, builds each candidate in the target
 precision over the same weights, checks its embeddings against the
 reference (:func:`clap_ws.tolerance.engine_min_cosine`), times it in
 alternating rounds and keeps the fastest. Torch is kept unless another
 engine takes at most :data:`MARGIN` of its time: OpenVINO keeps its own
-weights per compiled shape (about 1.1 GB more for HTSAT-tiny) and shares the
-cores with torch's threads inside a server, so a 5 % gain alone was none end
-to end (``docs/performance.md``).
+weights per compiled shape and shares the cores with torch's threads inside
+a server, so a small gain alone was none end to end (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineChoice:
-    """What ``--engine auto`` measured and chose; in ``info`` and the start-up log."""
+    """What ``--engine auto`` timed and chose; in ``info`` and the start-up log."""
 
     chosen: str
     ms_per_window: dict[str, float] = field(default_factory=dict)  # median per engine, in the target precision
@@ -77,7 +76,7 @@ def candidates(reference) -> dict[str, str | None]:
 
 def choose_engine(reference, precision: str, rounds: int = 3):
     """The fastest correct engine for ``reference`` (a torch fp32 model whose network is not cast yet), built
-    in ``precision``; its ``engine_choice`` says what was measured. The reference is spent: building a
+    in ``precision``; its ``engine_choice`` says what was timed. The reference is spent: building a
     reduced-precision candidate casts the shared network."""
     started = time.perf_counter()
     probe = probe_windows(reference.chunk)
