@@ -2,11 +2,12 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ENGINE_CACHE, ROOT
 
 
 @pytest.mark.slow
@@ -103,9 +104,24 @@ def test_fairness_benchmark_reports_the_polite_client_beside_a_greedy_one(tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "fairness.json").read_text())
-    assert set(data["results"]) == {"new"} and len(data["results"]["new"]["beside"]) == 2
-    assert data["results"]["new"]["throughput"][0] > 0
-    assert "| new |" in (tmp_path / "fairness.md").read_text() and "cores, " in data["machine"]
+    assert set(data["results"]) == {"new", "max-batch-ms 0"}  # the latency target, and batches as before it
+    for row in data["results"].values():
+        assert len(row["beside"]) == 2 and row["throughput"][0] > 0 and row["greedy"][0] > 0
+    table = (tmp_path / "fairness.md").read_text()
+    assert "| new |" in table and "| max-batch-ms 0 |" in table and "cores, " in data["machine"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+def test_engine_auto_benchmark_compares_the_default_with_each_engine(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_auto.py"), "--rounds", "1",
+                             "--sounds", "2", "--clients", "2", "--client-sounds", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, CLAP_WS_ENGINE_CACHE=str(ENGINE_CACHE)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "engine_auto.md").read_text()
+    assert "| --engine torch | torch |" in table and "| 1.00 |" in table  # torch is the ratios' baseline
+    assert "auto measured at start (ms per window): {" in table and "cores, " in table
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ let server;
 let client;
 
 before(async () => {
-  server = await startServer();
+  // batches of up to --max-batch (no latency target), so pipelined requests share batches: what this file checks
+  // is that each reply still reaches its own promise through them
+  server = await startServer({ args: ["--max-batch-ms", "0"] });
   client = new ClapClient(server.url, { timeoutMs: 60_000 });
   await client.connect();
 });
