@@ -90,12 +90,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the audio and text towers at warm-up: less audio time per window on "
                             "a CPU, for minutes of compiling at start (docs/performance.md)")
-    group.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
-                       help="what runs the audio encoder: auto (default) measures torch and OpenVINO on this CPU "
-                            "and this model at start and serves with the faster (info's engine_auto has the "
-                            "times); torch; or openvino: compiled by OpenVINO after the spectrogram (CPU, "
-                            "non-fusion; its export and compiled code are kept in <cache>/engines or "
-                            "$CLAP_WS_ENGINE_CACHE, so a restart skips them)")
+    group.add_argument("--engine", default=os.environ.get("CLAP_WS_ENGINE", "auto"), choices=["auto", *ENGINES],
+                       help="what runs the audio encoder (default $CLAP_WS_ENGINE, else auto): auto measures "
+                            "torch and OpenVINO on this CPU and this model at start and serves with the faster "
+                            "(info's engine_auto has the times); torch; or openvino: compiled by OpenVINO after "
+                            "the spectrogram (CPU, non-fusion; its export and compiled code are kept in "
+                            "<cache>/engines or $CLAP_WS_ENGINE_CACHE, so a restart skips them)")
     group.add_argument("--cache-dir", help="where checkpoints live (default $CLAP_WS_CACHE_DIR or ~/.cache/clap-ws)")
     group.add_argument("--tokenizer", metavar="DIR",
                        help="roberta-base tokenizer folder (default $CLAP_TOKENIZER_DIR, the cache, the HF cache)")

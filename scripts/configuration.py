@@ -22,7 +22,8 @@ Every option of every `clap-ws` subcommand, generated from the argument parser b
 the same. `./start_clap_service.sh [options]` runs `clap-ws serve --host ${HOST:-127.0.0.1} --port
 ${PORT:-32051} [options]`.
 
-Environment: `CLAP_CHECKPOINT_PATH` (checkpoint), `CLAP_MODEL` (`--model`), `CLAP_DEVICE`, `CLAP_TOKENIZER_DIR`,
+Environment: `CLAP_CHECKPOINT_PATH` (checkpoint), `CLAP_MODEL` (`--model`), `CLAP_WS_ENGINE` (`--engine`),
+`CLAP_WS_ENGINE_CACHE` (OpenVINO's export and compiled code), `CLAP_DEVICE`, `CLAP_TOKENIZER_DIR`,
 `CLAP_WS_CACHE_DIR`, `CLAP_WS_TOKEN`, `CLAP_WS_CHECKPOINT_URL` and `CLAP_WS_TOKENIZER_URL` (download mirrors);
 `ONEDNN_MAX_CPU_ISA` (e.g. `AVX2`) makes the process run as a CPU with that instruction set would;
 `HF_HOME`, `HF_HUB_CACHE` and `HF_HUB_OFFLINE` are huggingface_hub's own (where `--model` looks).

@@ -199,7 +199,8 @@ async def ask(ws, message) -> dict:
 # ---- processes ---------------------------------------------------------------------
 def offline_env(tmp_path, **extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CLAP_WS_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=str(ROOT), PYTHON=sys.executable, CLAP_WS_ENGINE_CACHE=str(ENGINE_CACHE))
+               PYTHONPATH=str(ROOT), PYTHON=sys.executable, CLAP_WS_ENGINE_CACHE=str(ENGINE_CACHE),
+               CLAP_WS_ENGINE="torch")  # servers the tests start run torch on every CPU; tests of auto drop this
     env.pop("CLAP_CHECKPOINT_PATH", None)
     env.update(extra)
     return env

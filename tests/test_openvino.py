@@ -148,6 +148,7 @@ def test_engine_auto_serves_with_torch_when_openvino_fails(tmp_path):
     (broken / "__init__.py").write_text("raise ImportError('this OpenVINO is broken on purpose')\n")
     env = offline_env(tmp_path)
     env["PYTHONPATH"] = f"{broken.parent}:{env['PYTHONPATH']}"
+    del env["CLAP_WS_ENGINE"]  # the default, auto
     server = Served([sys.executable, "-m", "clap_ws", "serve", "--untrained", "--port", "0"], env)
 
     async def ask_info(port):
