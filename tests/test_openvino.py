@@ -24,7 +24,7 @@ from clap_ws import tolerance
 from clap_ws.errors import ModelError
 from clap_ws.model import ClapModel
 from clap_ws.model.checkpoint import Architecture
-from clap_ws.model.engine_choice import MARGIN, candidates
+from clap_ws.model.engine_choice import MARGIN, choose_engine
 from clap_ws.model.weights import load_model
 from clap_ws.tolerance import engine_min_cosine
 
@@ -108,12 +108,15 @@ def test_openvino_engine_without_its_packages_says_how_to_install_them(monkeypat
                         lambda name, *a: None if name == "openvino" else find_spec(name, *a))
     with pytest.raises(ModelError, match=r"OpenVINO is not installed \(openvino: pip install 'clap-ws\[openvino\]'\)"):
         ClapModel.untrained(engine="openvino")
-    assert candidates(ClapModel.untrained(precision="fp32"))["openvino"].startswith("not installed")
+    choice = choose_engine(ClapModel.untrained(precision="fp32"), "fp32", rounds=1).engine_choice
+    assert choice.chosen == "torch" and "OpenVINO is not installed" in choice.left_out["openvino"]
 
 
-def test_engine_candidates_say_why_openvino_cannot_run():
+def test_engine_auto_says_why_openvino_cannot_run():
     fusion = ClapModel.untrained(Architecture("HTSAT-tiny", "aff_2d"), precision="fp32")
-    assert candidates(fusion) == {"torch": None, "openvino": "fusion models take data-dependent paths"}
+    choice = choose_engine(fusion, "fp32", rounds=1).engine_choice
+    assert choice.chosen == "torch" and set(choice.ms_per_window) == {"torch"}
+    assert "non-fusion checkpoints only" in choice.left_out["openvino"]
 
 
 @needs_openvino

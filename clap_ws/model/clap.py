@@ -364,7 +364,7 @@ class ClapModel:
 
     def silent(self, windows: np.ndarray) -> bool:
         """Whether ``windows`` reach the network as all zeros (below int16's step, for LAION models)."""
-        peak = float(np.abs(windows).max(initial=0.0))
+        peak = max(float(windows.max(initial=0.0)), -float(windows.min(initial=0.0)))  # no |x| copy
         return peak * 32767.0 < 1.0 if self.preprocessing.int16 else peak == 0.0
 
     @property

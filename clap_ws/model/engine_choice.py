@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..constants import WINDOW_SAMPLES
+from ..errors import ModelError
 from ..tolerance import disagreement, engine_min_cosine
-from .openvino_audio import openvino_missing
 
 MARGIN = 0.90  # another engine must take at most this share of torch's time per window (see the docstring)
 _log = logging.getLogger(__name__)
@@ -60,20 +60,6 @@ def probe_windows(count: int) -> np.ndarray:
     return np.stack([kinds[i % len(kinds)] for i in range(count)]).astype(np.float32)
 
 
-def candidates(reference) -> dict[str, str | None]:
-    """Engines that could run this model here: name -> None, or why not."""
-    out: dict[str, str | None] = {"torch": None}
-    if reference.device.type != "cpu":
-        out["openvino"] = f"runs on the CPU, the model on {reference.device}"
-    elif reference.architecture.fusion:
-        out["openvino"] = "fusion models take data-dependent paths"
-    elif reference.compile:
-        out["openvino"] = "--compile compiles the audio encoder already"
-    else:
-        out["openvino"] = openvino_missing()
-    return out
-
-
 def choose_engine(reference, precision: str, rounds: int = 3):
     """The fastest correct engine for ``reference`` (a torch fp32 model whose network is not cast yet), built
     in ``precision``; its ``engine_choice`` says what was timed. The reference is spent: building a
@@ -81,14 +67,15 @@ def choose_engine(reference, precision: str, rounds: int = 3):
     started = time.perf_counter()
     probe = probe_windows(reference.chunk)
     truth = reference.embed_windows(probe)
-    left_out = {name: why for name, why in candidates(reference).items() if why is not None}
+    left_out: dict[str, str] = {}
     built = {}
     for name in ("openvino", "torch"):  # OpenVINO first: it exports from the fp32 weights, before any cast
-        if name in left_out:
-            continue
-        try:
+        try:  # the model's own checks say what an engine cannot run (a GPU, fusion, --compile, not installed)
             built[name] = dataclasses.replace(reference, engine=name, precision=precision, pack=True)
-        except Exception as exc:  # an engine that cannot build here is left out, once, and torch serves
+        except ModelError as exc:
+            left_out[name] = str(exc)
+            _log.info("engine %s left out: %s", name, left_out[name])
+        except Exception as exc:  # an engine that fails to build here is left out, once, and torch serves
             left_out[name] = f"failed to build: {str(exc).splitlines()[0]}"
             _log.warning("engine %s left out: %s", name, left_out[name])
     cosine: dict[str, float] = {}
