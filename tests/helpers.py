@@ -182,6 +182,38 @@ async def running_server(model: ClapModel, **options):
         await asyncio.to_thread(srv.stop)
 
 
+@contextlib.contextmanager
+def held_model(model: ClapModel):
+    """Hold the model thread inside its next audio batch until ``release`` is set: ``(inside, release)`` events.
+
+    What a test needs to queue work behind a batch in progress on any CPU, where a batch sized "long enough"
+    is not (an AMX core runs it several times faster). Install after the server's warm-up, which embeds silence.
+    """
+    inside, release = threading.Event(), threading.Event()
+    original = model.embed_windows
+
+    def held(windows):
+        inside.set()
+        release.wait(30)
+        return original(windows)
+
+    model.embed_windows = held
+    try:
+        yield inside, release
+    finally:
+        release.set()
+        del model.embed_windows
+
+
+async def until(condition, seconds: float = 5.0) -> bool:
+    """Poll ``condition()`` every 20 ms for at most ``seconds``; whether it came true."""
+    for _ in range(max(1, int(seconds / 0.02))):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(condition())
+
+
 def url(server, path: str = "/clap", query: str = "") -> str:
     return f"ws://127.0.0.1:{server.port}{path}" + (f"?{query}" if query else "")
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import numpy as np
-from helpers import ask, b64, connect, noise, running_server, tone
+from helpers import ask, b64, connect, held_model, noise, running_server, tone, until
 
 
 async def info(ws) -> dict:
@@ -96,23 +96,27 @@ async def test_no_cache_means_no_cached_field_and_every_sound_runs(model):
 
 
 async def test_a_client_that_leaves_cancels_only_work_nobody_else_waits_for(model):
-    """Behind a long batch, a leaving client has two sounds queued: one another client also waits for (it runs),
-    one nobody else wants (its job is cancelled and dropped before the model sees it)."""
+    """Behind a batch in progress, a leaving client has two sounds queued: one another client also waits for (it
+    runs), one nobody else wants (its job is cancelled and dropped before the model sees it)."""
     shared, mine = b64(noise(seconds=2, seed=21)), b64(noise(seconds=2, seed=22))
     async with running_server(model) as server:
-        async with connect(server) as stays, connect(server) as busy:
-            await busy.send(json.dumps({"op": "embed_batch", "audio_buffers": [
-                b64(noise(seconds=10, seed=s)) for s in range(30, 46)]}))  # about a second of model work
-            await asyncio.sleep(0.1)
-            dropped = server.batcher.dropped
-            async with connect(server) as leaves:
-                await leaves.send(json.dumps({"audio_buffer": shared}))
-                await leaves.send(json.dumps({"audio_buffer": mine}))
-                await stays.send(json.dumps({"audio_buffer": shared}))
-                await asyncio.sleep(0.1)  # all queued behind the batch; then the client goes
-            reply = json.loads(await asyncio.wait_for(stays.recv(), 60))
-            assert json.loads(await asyncio.wait_for(busy.recv(), 60))["status"] == "OK"
-            assert server.batcher.dropped == dropped + 1  # the sound only the leaver wanted never ran
-            again = await ask(stays, {"audio_buffer": mine})
+        with held_model(model) as (inside, release):
+            async with connect(server) as stays, connect(server) as busy:
+                await busy.send(noise(seconds=1, seed=30).tobytes())
+                assert await asyncio.to_thread(inside.wait, 30)  # the model is busy with it
+                dropped = server.batcher.dropped
+                async with connect(server) as leaves:
+                    await leaves.send(json.dumps({"audio_buffer": shared}))
+                    await leaves.send(json.dumps({"audio_buffer": mine}))
+                    assert await until(lambda: server.batcher.depth == 2)
+                    await stays.send(json.dumps({"audio_buffer": shared}))  # joins the leaver's job in flight
+                    await asyncio.sleep(0.1)
+                    assert server.batcher.depth == 2
+                assert await until(lambda: server.batcher.dropped == dropped + 1)  # gone before its batch
+                release.set()
+                reply = json.loads(await asyncio.wait_for(stays.recv(), 60))
+                assert json.loads(await asyncio.wait_for(busy.recv(), 60))["status"] == "OK"
+                assert server.batcher.dropped == dropped + 1  # the sound only the leaver wanted never ran
+                again = await ask(stays, {"audio_buffer": mine})
     assert reply["status"] == "OK" and len(reply["embedding"]) == 512 and reply["cached"] is False
     assert again["cached"] is False  # it was never embedded, so it is not in the cache either

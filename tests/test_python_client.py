@@ -232,7 +232,7 @@ async def test_a_pool_loses_a_replica_to_sigkill_and_answers_every_request_once(
             assert (await pool.archive_info("run"))["count"] == 4  # the same replica, every time
 
             async def kill_soon():
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.2)  # calls on the wire to both (any CPU: a fixed wait could outlast them all)
                 assert all(c.pending for c in pool.clients)  # both replicas have calls in flight
                 replicas[1].proc.kill()  # SIGKILL: no goodbye, its in-flight calls are lost on the wire
 

@@ -3,14 +3,13 @@
 import asyncio
 import json
 import logging
-import threading
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 import websockets
-from helpers import ask, b64, chirp, connect, cosine, noise, running_server, threaded, tone, url
+from helpers import ask, b64, chirp, connect, cosine, held_model, noise, running_server, threaded, tone, until, url
 
 from clap_ws.errors import ErrorCode
 from clap_ws.extractor import CLAPExtractor
@@ -264,43 +263,22 @@ async def test_health_follows_the_worker(server):
 
 async def test_client_gone_before_inference_is_dropped(model):
     """Held in its first batch, the worker leaves 5 requests queued; their client leaves; they are never run."""
-    inside, release = threading.Event(), threading.Event()
-    original = model.embed_windows
-
-    def held(windows):
-        inside.set()
-        release.wait(30)
-        return original(windows)
-
     async with running_server(model, max_wait_ms=0) as server:
-        model.embed_windows = held  # after the server's warm-up, which embeds silence
-        try:
+        with held_model(model) as (inside, release):
             async with connect(server) as ws:
                 await ws.send(noise(seconds=0.5, seed=0).tobytes())
                 assert await asyncio.to_thread(inside.wait, 30)  # the first request is being embedded
                 for i in range(1, 6):
                     await ws.send(noise(seconds=0.5, seed=i).tobytes())
-                for _ in range(100):
-                    if server.batcher.depth == 5:
-                        break
-                    await asyncio.sleep(0.02)
-                assert server.batcher.depth == 5
+                assert await until(lambda: server.batcher.depth == 5, 2)
             # closed without reading: the queued requests are cancelled, not run
-            for _ in range(100):
-                if server.info()["connections"] == 0:
-                    break
-                await asyncio.sleep(0.02)
+            assert await until(lambda: server.info()["connections"] == 0)
             release.set()
-            for _ in range(100):
-                if server.batcher.depth == 0 and server.batcher.items + server.batcher.dropped == 6:
-                    break
-                await asyncio.sleep(0.05)
+            assert await until(lambda: server.batcher.depth == 0
+                               and server.batcher.items + server.batcher.dropped == 6, 5)
             assert (server.batcher.items, server.batcher.dropped) == (1, 5)
-            async with connect(server) as ws:
-                assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
-        finally:
-            release.set()
-            del model.embed_windows
+        async with connect(server) as ws:
+            assert (await ask(ws, tone(seconds=0.2).tobytes()))["status"] == "OK"
 
 
 async def test_shutdown_finishes_in_flight_requests(model):
