@@ -33,15 +33,15 @@ from clap_ws.cpu import describe
 SOUND = (0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * 44100) / 44100)).astype("<f4").tobytes()
 
 
-async def greedy(port: int, in_flight: int, stop: asyncio.Event) -> int:
-    """Keep ``in_flight`` sounds queued until ``stop``; returns how many were answered."""
-    answered = 0
+async def greedy(port: int, in_flight: int, stop: asyncio.Event) -> list[float]:
+    """Keep ``in_flight`` sounds queued until ``stop``; returns when each reply came (``perf_counter``)."""
+    answered: list[float] = []
     async with websockets.connect(f"ws://127.0.0.1:{port}/clap?sample_rate=44100", max_size=None) as ws:
         for _ in range(in_flight):
             await ws.send(SOUND)
         while not stop.is_set():
             await asyncio.wait_for(ws.recv(), 600)
-            answered += 1
+            answered.append(time.perf_counter())
             await ws.send(SOUND)
         for _ in range(in_flight):
             await asyncio.wait_for(ws.recv(), 600)
@@ -67,17 +67,19 @@ async def throughput(port: int, clients: int, sounds: int) -> float:
     return clients * sounds / (time.perf_counter() - started)
 
 
-async def round_for(port: int, sounds: int, in_flight: int) -> tuple[list[float], list[float], float]:
-    """Polite latencies alone and beside the greedy client, and the greedy client's sounds/s meanwhile."""
+async def round_for(port: int, sounds: int, in_flight: int) -> tuple[list[float], list[float], float, float]:
+    """Polite latencies alone and beside the greedy client; the greedy client's sounds/s and the server's
+    (greedy and polite) while the polite client was beside it."""
     alone = await polite(port, sounds)
     stop = asyncio.Event()
     hog = asyncio.ensure_future(greedy(port, in_flight, stop))
     await asyncio.sleep(1.0)  # the backlog is queued
     started = time.perf_counter()
     beside = await polite(port, sounds)
+    ended = time.perf_counter()
     stop.set()
-    answered = await hog
-    return alone, beside, answered / (time.perf_counter() - started + 1.0)
+    greedy_rate = sum(started <= t <= ended for t in await hog) / (ended - started)
+    return alone, beside, greedy_rate, greedy_rate + len(beside) / (ended - started)
 
 
 def main(argv=None) -> int:
@@ -99,14 +101,15 @@ def main(argv=None) -> int:
         runs[name] = (ROOT, options.split())
     servers = {name: Server([*base, *options], name, root=root) for name, (root, options) in runs.items()}
     results: dict[str, dict[str, list[float]]] = {
-        name: {"alone": [], "beside": [], "greedy": [], "throughput": []} for name in servers}
+        name: {"alone": [], "beside": [], "greedy": [], "served": [], "throughput": []} for name in servers}
     try:
         for r in range(args.rounds):
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                alone, beside, rate = asyncio.run(round_for(servers[name].port, args.sounds, args.in_flight))
+                alone, beside, rate, served = asyncio.run(round_for(servers[name].port, args.sounds, args.in_flight))
                 results[name]["alone"] += alone
                 results[name]["beside"] += beside
                 results[name]["greedy"].append(rate)
+                results[name]["served"].append(served)
                 if args.clients:
                     results[name]["throughput"].append(
                         asyncio.run(throughput(servers[name].port, args.clients, args.sounds)))
@@ -118,12 +121,12 @@ def main(argv=None) -> int:
     lines = [f"{describe()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; greedy client keeps "
              f"{args.in_flight} 2-s sounds in flight; {args.rounds} rounds x {args.sounds} polite sounds", "",
              f"| server | polite alone p50 ms | beside greedy p50 ms | p95 ms | x alone | greedy sounds/s | "
-             f"{args.clients} clients, sounds/s (median) |", "|---|---|---|---|---|---|---|"]
+             f"both, sounds/s | {args.clients} clients, sounds/s (median) |", "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         alone, beside = np.median(row["alone"]), np.median(row["beside"])
         rate = f"{np.median(row['throughput']):.1f}" if row["throughput"] else ""
         lines.append(f"| {name} | {alone:.0f} | {beside:.0f} | {np.percentile(row['beside'], 95):.0f} | "
-                     f"{beside / alone:.1f} | {np.median(row['greedy']):.1f} | {rate} |")
+                     f"{beside / alone:.1f} | {np.median(row['greedy']):.1f} | {np.median(row['served']):.1f} | {rate} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fairness.md").write_text("\n".join(lines) + "\n")

@@ -194,8 +194,6 @@ class ClapServer:
         _log.info("clap-ws %s listening on ws://%s:%d/clap", __version__, self.config.host, self.port)
         _log.info("model: %s | %s | device %s | precision %s | engine %s | text %s", model["model"],
                   model["architecture"], model["device"], model["precision"], model["engine"], model["tokenizer"])
-        if self.model.engine_choice is not None:
-            _log.info("engine auto chose %s", self.model.engine_choice.summary())
         for lib in self.service.libraries.values():
             _log.info("library %r: %d items, %s index, from %s", lib.name, len(lib), lib.index.kind,
                       lib.path or "memory")

@@ -106,7 +106,7 @@ def test_fairness_benchmark_reports_the_polite_client_beside_a_greedy_one(tmp_pa
     data = json.loads((tmp_path / "fairness.json").read_text())
     assert set(data["results"]) == {"new", "max-batch-ms 0"}  # the latency target, and batches as before it
     for row in data["results"].values():
-        assert len(row["beside"]) == 2 and row["throughput"][0] > 0 and row["greedy"][0] > 0
+        assert len(row["beside"]) == 2 and row["throughput"][0] > 0 and row["served"][0] > row["greedy"][0] > 0
     table = (tmp_path / "fairness.md").read_text()
     assert "| new |" in table and "| max-batch-ms 0 |" in table and "cores, " in data["machine"]
 

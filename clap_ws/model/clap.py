@@ -385,7 +385,7 @@ class ClapModel:
         per chunk shape, the text tower for one text and for several.
         """
         if not self.compile:
-            for size in self._openvino.sizes if self._openvino else [1]:  # OpenVINO: each compiled shape
+            for size in self._openvino.sizes if self._openvino else [1]:  # OpenVINO: compiles each shape
                 self._embed_chunk(np.zeros((size, WINDOW_SAMPLES), dtype=np.float32))
             return
         import torch._inductor.config as inductor_config

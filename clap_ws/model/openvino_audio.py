@@ -96,22 +96,35 @@ class OpenVinoAudio:
                 part = path.with_name(f"{path.stem}.{os.getpid()}.part")  # processes starting at once
                 export_onnx(body, torch.zeros(2, 1, frames, bins), part)
                 part.replace(path)  # atomic: a process killed mid-export leaves no half file
-            exported = core.read_model(str(path))
-            size = 1
-            while size <= chunk:
-                model = exported.clone()
-                model.reshape([size, 1, frames, bins])  # static shapes compile to faster code
-                self._requests[size] = core.compile_model(model, "CPU", config).create_infer_request()
-                size *= 2
+            self._exported = core.read_model(str(path))
+        self._core, self._config, self._shape = core, config, (1, frames, bins)
+        self._sizes = [1 << i for i in range(chunk.bit_length())]  # 1, 2, 4 ... up to chunk
 
     @property
     def sizes(self) -> list[int]:
-        """The call sizes (windows) compiled."""
-        return list(self._requests)
+        """The call sizes (windows) it takes; each is compiled on its first call (or by :meth:`compile`)."""
+        return list(self._sizes)
+
+    @property
+    def compiled(self) -> list[int]:
+        """The call sizes compiled so far."""
+        return sorted(self._requests)
+
+    def compile(self, size: int):
+        """The inference request for calls of ``size`` windows, compiled on first use: static shapes compile
+        to faster code, and compiling on demand keeps an engine that is only being timed (``--engine auto``)
+        to one shape's memory."""
+        if size not in self._requests:
+            if size not in self._sizes:
+                raise ValueError(f"OpenVINO takes calls of {self._sizes} windows, not {size}")
+            model = self._exported.clone()
+            model.reshape([size, *self._shape])
+            self._requests[size] = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        return self._requests[size]
 
     def __call__(self, mel: torch.Tensor) -> np.ndarray:
         """Raw embeddings (N, 512) of log-mel ``mel`` (N, 1, frames, bins), N one of :attr:`sizes`."""
-        request = self._requests[mel.shape[0]]
+        request = self.compile(mel.shape[0])
         self.calls[mel.shape[0]] += 1
         return request.infer({0: mel.float().contiguous().numpy()})[0].copy()  # the output buffer is reused
 
