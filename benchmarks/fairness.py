@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         alone, beside = np.median(row["alone"]), np.median(row["beside"])
         rate = f"{np.median(row['throughput']):.1f}" if row["throughput"] else ""
         lines.append(f"| {name} | {alone:.0f} | {beside:.0f} | {np.percentile(row['beside'], 95):.0f} | "
-                     f"{beside / alone:.1f} | {np.median(row['greedy']):.1f} | {np.median(row['served']):.1f} | {rate} |")
+                     f"{beside / alone:.1f} | {np.median(row['greedy']):.1f} | {np.median(row['served']):.1f} | "
+                     f"{rate} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fairness.md").write_text("\n".join(lines) + "\n")
