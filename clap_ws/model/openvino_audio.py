@@ -84,7 +84,7 @@ class OpenVinoAudio:
                   "INFERENCE_PRECISION_HINT": _PRECISION[precision]}
         core = openvino.Core()
         self.calls: collections.Counter = collections.Counter()  # calls per size, for tests and curiosity
-        self._requests = {}
+        self._requests: dict[int, object] = {}  # call size -> its compiled infer request
         self.cached = False  # whether the export came from the disk cache
         with tempfile.TemporaryDirectory(prefix="clap-ws-openvino-") as folder:
             path = Path(folder) / "audio.onnx"
