@@ -6,9 +6,9 @@
 
 What runs: HTSAT after its spectrogram front end (``bn0``, the time-frequency
 image, the Swin transformer with clap-ws's inference forwards, the
-projection), the part that costs 95 % of a window. Neither ``torch.onnx``
-nor OpenVINO's converter takes the front end: its FFT returns complex
-tensors. All engines get the same log-mel input, computed once from chirps.
+projection), the part that costs 95 % of a window; the front end stays in
+torch (``benchmarks/engine_parts.py`` times it in OpenVINO). All engines get
+the same log-mel input, computed once from chirps.
 
 Engines, with the same untrained weights:
 

@@ -125,6 +125,20 @@ def test_engine_auto_benchmark_compares_the_default_with_each_engine(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+def test_engine_parts_benchmark_times_the_front_end_and_the_text_tower_in_both_engines(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_parts.py"), "--precision", "fp32",
+                             "--rounds", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split(" | ") for line in (tmp_path / "engine_parts.md").read_text().splitlines()
+            if line.startswith("| front end") or line.startswith("| text tower")]
+    assert len(rows) == 4 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    for row in rows:  # fp32 both ways: the exports compute what torch computes
+        agreement = float(row[5].split()[-1].rstrip(" |"))
+        assert agreement <= 1e-3 if row[0].startswith("| front end") else agreement >= 0.99999
+
+
+@pytest.mark.slow
 def test_web_benchmark_reports_both_paths_and_the_page_weight(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "web.py"), "--items", "500", "--requests", "3",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)

@@ -1,21 +1,24 @@
-"""The audio encoder compiled by OpenVINO: an optional engine for CPUs (``--engine openvino``).
+"""The audio encoder compiled by OpenVINO: the other engine for CPUs (``--engine openvino``, or chosen by auto).
 
-Why it exists: OpenVINO's CPU plugin runs HTSAT's transformer in less time
-than torch's eager kernels, most of all in fp32 (what CPUs without native
-bf16 run). It costs memory, since each compiled call shape keeps its own
-weights and buffers, so it is opt-in. ``benchmarks/engines.py`` and
+Why it exists: on some CPUs OpenVINO's CPU plugin runs HTSAT's transformer in
+less time than torch's eager kernels (on Intel AMX, and in fp32, what CPUs
+without native bf16 run), on others not. It costs memory, since each compiled
+call shape keeps its own weights and buffers, so ``--engine auto``
+(:mod:`clap_ws.model.engine_choice`) keeps it only where it measures a clear
+gain. ``benchmarks/engines.py``, ``benchmarks/engine_auto.py`` and
 ``benchmarks/ab.py`` measure it; figures are in ``docs/performance.md``.
 
 How it is shaped:
 
-* The spectrogram front end stays in torch: its FFT returns complex tensors,
-  which neither ``torch.onnx`` nor OpenVINO converts, and it is a small part
-  of a window. Everything after it (:class:`~clap_ws.model.towers.AudioBody`: ``bn0``,
+* The spectrogram front end stays in torch: OpenVINO runs its exported STFT,
+  but several times slower than torch's FFT (``benchmarks/engine_parts.py``).
+  Everything after it (:class:`~clap_ws.model.towers.AudioBody`: ``bn0``,
   the time-frequency image, the Swin transformer with clap-ws's inference
-  forwards, the projection) is exported once with ``torch.onnx`` at start
-  and compiled by OpenVINO once per call shape (1, 2, 4 ... windows, up to
-  the model's chunk). Static shapes, since a dynamic window count was slower
-  per window.
+  forwards, the projection) is exported once with ``torch.onnx`` and compiled
+  by OpenVINO per call shape (1, 2, 4 ... windows, up to the model's chunk),
+  each on its first call: static shapes, since a dynamic window count was
+  slower per window, and on demand, so that ``--engine auto`` times one shape
+  without paying every shape's memory.
 * ``torch.onnx`` rather than OpenVINO's own converter (``ov.convert_model``),
   because that one sends usage telemetry unless a consent file says no, and
   clap-ws does not touch the network unless asked.
@@ -129,20 +132,24 @@ class OpenVinoAudio:
         return request.infer({0: mel.float().contiguous().numpy()})[0].copy()  # the output buffer is reused
 
 
-def export_onnx(body: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``body`` (fp32) as an ONNX file with a dynamic window count, quietly (``torch.onnx`` prints and warns)."""
-    if any(p.dtype != torch.float32 for p in body.parameters()):
-        raise ModelError("--engine openvino exports the audio encoder in fp32, but this network is already cast")
-    windows = torch.export.Dim("windows", min=1, max=1024)
+def export_onnx(module: torch.nn.Module, example, path: Path, dynamic_shapes=None) -> None:
+    """``module`` (fp32) as an ONNX file, quietly (``torch.onnx`` prints and warns). ``example``: a tensor or a
+    tuple of them; ``dynamic_shapes``: ``torch.export``'s, by default a dynamic first axis (the window count)
+    of the one input."""
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        raise ModelError("--engine openvino exports the network in fp32, but this one is already cast")
+    if dynamic_shapes is None:
+        dynamic_shapes = ({0: torch.export.Dim("windows", min=1, max=1024)},)
     chatty = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping ..." and the like
     level = chatty.level
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chatty.setLevel(logging.ERROR)
         try:
-            torch.onnx.export(body, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: windows},), verbose=False)
+            torch.onnx.export(module, example if isinstance(example, tuple) else (example,), str(path), dynamo=True,
+                              external_data=False, dynamic_shapes=dynamic_shapes, verbose=False)
         except Exception as exc:  # the exporter's errors run to pages; the first line says what failed
-            raise ModelError(f"could not export the audio encoder for OpenVINO: {str(exc).splitlines()[0]}") from exc
+            raise ModelError(f"could not export {type(module).__name__} for OpenVINO: "
+                             f"{str(exc).splitlines()[0]}") from exc
         finally:
             chatty.setLevel(level)

@@ -57,9 +57,10 @@ class Roberta(torch.nn.Module):
         batch, tokens, channels = x.shape
         heads = self.heads
         # padded keys are not attended to; without padding (one text, or texts of one length) no mask at all,
-        # which spares the attention kernel's masking. Under
-        # torch.compile the mask is always passed: testing it would break the graph in two.
-        unpadded = not torch.compiler.is_compiling() and bool(attention_mask.all())
+        # which spares the attention kernel's masking. Under torch.compile and torch.export the mask is always
+        # passed: testing it would break the graph in two (or stop an export).
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        unpadded = not tracing and bool(attention_mask.all())
         keep = None if unpadded else attention_mask.bool()[:, None, None, :]
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, heads, T, C / heads)
