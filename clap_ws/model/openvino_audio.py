@@ -46,6 +46,7 @@ import torch
 
 from ..errors import ModelError
 
+_log = logging.getLogger(__name__)
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _NEEDS = ("openvino", "onnx", "onnxscript")  # onnx and onnxscript: torch.onnx's exporter
 
@@ -96,6 +97,8 @@ class OpenVinoAudio:
                 core.set_property({"CACHE_DIR": str(cache / "compiled")})
                 path, self.cached = cache / f"{key}.onnx", (cache / f"{key}.onnx").is_file()
             if not self.cached:
+                _log.info("exporting the audio encoder for OpenVINO%s (about 15 s)",
+                          f", once: kept in {cache}" if cache is not None and key is not None else "")
                 part = path.with_name(f"{path.stem}.{os.getpid()}.part")  # processes starting at once
                 export_onnx(body, torch.zeros(2, 1, frames, bins), part)
                 part.replace(path)  # atomic: a process killed mid-export leaves no half file
@@ -140,11 +143,14 @@ def export_onnx(module: torch.nn.Module, example, path: Path, dynamic_shapes=Non
         raise ModelError("--engine openvino exports the network in fp32, but this one is already cast")
     if dynamic_shapes is None:
         dynamic_shapes = ({0: torch.export.Dim("windows", min=1, max=1024)},)
-    chatty = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping ..." and the like
-    level = chatty.level
+    # the exporter and its optimiser log hundreds of INFO lines per export ("torchvision is not installed",
+    # every constant folded, every initializer merged): a server's log is for its operator
+    chatty = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in chatty]
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        chatty.setLevel(logging.ERROR)
+        for logger in chatty:
+            logger.setLevel(logging.ERROR)
         try:
             torch.onnx.export(module, example if isinstance(example, tuple) else (example,), str(path), dynamo=True,
                               external_data=False, dynamic_shapes=dynamic_shapes, verbose=False)
@@ -152,4 +158,5 @@ def export_onnx(module: torch.nn.Module, example, path: Path, dynamic_shapes=Non
             raise ModelError(f"could not export {type(module).__name__} for OpenVINO: "
                              f"{str(exc).splitlines()[0]}") from exc
         finally:
-            chatty.setLevel(level)
+            for logger, level in zip(chatty, levels):
+                logger.setLevel(level)
