@@ -199,6 +199,12 @@ class HttpApi:
             "/api/libraries": self._libraries, "/api/info": self._info,
         }
 
+    def identify(self, connection: ServerConnection, request, response) -> None:
+        """Name the model on every accepted WebSocket handshake (``X-Clap-Model``, percent-encoded UTF-8), so a
+        client that asks for bare binary replies, which carry no ``model`` field, still knows what made them."""
+        if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
+            response.headers["X-Clap-Model"] = quote(self.service.model.identity.name, safe="/:@+()._-")
+
     def _authorized(self, request) -> bool:
         """Constant-time check of the bearer token or ``?token=`` against ``--token``; one header at most."""
         expected = (self.config.token or "").encode()

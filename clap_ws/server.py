@@ -180,7 +180,8 @@ class ClapServer:
         await asyncio.to_thread(self.batcher.ready.wait)  # warm-up done on the worker thread
         self._server = await serve(
             self._connection, self.config.host, self.config.port,
-            process_request=self.http.gate, max_size=int(self.config.max_frame_mb * MiB),
+            process_request=self.http.gate, process_response=self.http.identify,
+            max_size=int(self.config.max_frame_mb * MiB),
             max_queue=4, compression=None,  # float32 audio does not compress; deflate costs CPU
             ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
             logger=logging.getLogger("clap_ws.connections"),  # websockets' per-connection lines (quiet by default)

@@ -2,8 +2,8 @@
 
 import asyncio
 import importlib.util
-import logging
 import json
+import logging
 import sys
 import urllib.request
 
@@ -42,8 +42,8 @@ def ten_second_windows() -> np.ndarray:
 def test_openvino_fp32_gives_torch_fp32s_embeddings(fp32_model, caplog):
     caplog.set_level(logging.INFO)
     engine = ClapModel.untrained(seed=0, precision="fp32", chunk=2, engine="openvino")
-    exporting = [r.name for r in caplog.records]  # one line of its own, none of the exporter's hundreds
-    assert exporting == ["clap_ws.model.openvino_audio"], exporting
+    exporting = [r.name for r in caplog.records if r.name.startswith(("clap_ws.model", "torch", "onnx"))]
+    assert exporting == ["clap_ws.model.openvino_audio"], exporting  # its own line, none of the exporter's hundreds
     assert engine._openvino.sizes == [1, 2] and engine.describe()["engine"].startswith("openvino 20")
     assert engine._openvino.compiled == []  # each shape compiles on its first call
     assert fp32_model.describe()["engine"] == "torch"

@@ -32,6 +32,7 @@ async def test_every_call_against_a_real_server(srv):
     async with AsyncClapClient(srv.url) as client:
         one = await client.embed(tone(440, seconds=1))  # a binary frame, a binary reply
         assert one.embedding.shape == (512,) and one.embedding.dtype == np.float32
+        assert one.model == client.model == "untrained"  # named by the handshake: the bare reply has no field
         assert abs(np.linalg.norm(one.embedding) - 1) < 1e-4
         stereo = np.stack([tone(440, sr=44100, seconds=1), chirp(sr=44100, seconds=1)], axis=1).astype(np.float64)
         scored = await client.embed(stereo, 44100, prompts=["a bell", "a hiss"], probs=True, top_k=2)
@@ -40,6 +41,7 @@ async def test_every_call_against_a_real_server(srv):
         assert scored.cached is False and scored.timing["model_ms"] > 0
         same = await client.embed(stereo, 44100)  # JSON request (stereo, 44.1 kHz), binary reply, from the cache
         np.testing.assert_array_equal(same.embedding, scored.embedding)
+        assert same.model == "untrained"
         batch = await client.embed_batch([tone(220), noise(seconds=0.5)])
         assert batch.shape == (2, 512) and batch.dtype == np.float32
         items = await client.embed_batch_items([tone(220), noise(seconds=0.5)], prompts=["x"])

@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -13,6 +14,7 @@ from helpers import ask, b64, chirp, connect, cosine, held_model, noise, running
 
 from clap_ws.errors import ErrorCode
 from clap_ws.extractor import CLAPExtractor
+from clap_ws.model.checkpoint import Identity
 from clap_ws.server import ClapServer, ServerConfig
 
 
@@ -418,3 +420,14 @@ def test_failed_accepts_are_logged_once_per_interval(model, caplog):
             ws.send(json.dumps({"op": "info"}))
             assert json.loads(ws.recv(timeout=60))["status"] == "OK"
 
+
+async def test_the_handshake_names_the_model_for_clients_of_bare_binary_replies(model):
+    """``X-Clap-Model`` on the accepted handshake, percent-encoded (a folder name may be any text); binary replies
+    carry no ``model`` field, so this is how their client knows what made them."""
+    named = model.variant(identity=Identity("Mödel 2/clap ü.pt", sha256="0" * 64))
+    async with running_server(named) as server:
+        async with connect(server, query="reply=binary") as ws:
+            header = ws.response.headers["X-Clap-Model"]
+            await ws.send(tone(seconds=0.2).tobytes())
+            assert len(await asyncio.wait_for(ws.recv(), 60)) == 512 * 4  # a bare float32 reply
+    assert header.isascii() and urllib.parse.unquote(header) == "Mödel 2/clap ü.pt"

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -145,6 +145,7 @@ class AsyncClapClient:
         self._ids = itertools.count(1)
         self._closed = False
         self.reconnects = 0  # connections opened after the first
+        self.model: str | None = None  # what the server named at the last handshake (``X-Clap-Model``)
 
     # ---- connection ---------------------------------------------------------------------------------
     async def __aenter__(self) -> AsyncClapClient:
@@ -177,6 +178,8 @@ class AsyncClapClient:
                 raise ConnectionError(f"{self.url} refused the connection: HTTP {status}", code) from None
             except (OSError, asyncio.TimeoutError, InvalidURI) as exc:
                 raise ConnectionError(f"cannot connect to {self.url}: {exc}", "connect_failed") from None
+            named = ws.response.headers.get("X-Clap-Model") if ws.response is not None else None
+            self.model = unquote(named) if named else None  # binary replies carry no model field: this names it
             self.reconnects += self._opened > 0
             self._opened += 1
             conn = self._conn = _Connection(ws)
@@ -319,10 +322,11 @@ class AsyncClapClient:
         rate = float(sample_rate or self.sample_rate)
         fields = self._fields(extras)
         if self.reply == "binary" and not fields and channels == 1 and rate == self.sample_rate:
-            return await self.request(samples.tobytes(), lambda r: Embedding(r), op="embed", timeout=timeout)
+            return await self.request(samples.tobytes(), lambda r: Embedding(r, self.model), op="embed",
+                                      timeout=timeout)
         message = {"op": "embed", "audio_buffer": _b64(samples), "sample_rate": rate, "channels": channels,
                    **fields, "reply": self._reply_for(fields)}
-        return await self.request(message, lambda r: _embedding(r, 0, False), timeout=timeout)
+        return await self.request(message, lambda r: _embedding(r, 0, False, self.model), timeout=timeout)
 
     async def embed_batch(self, audios: Sequence[Any], sample_rate: float | None = None, *,
                           timeout: float | None = None, **extras: Any) -> np.ndarray:
@@ -464,9 +468,9 @@ def _rows(reply: Any, key: str) -> np.ndarray:
     return np.asarray(reply[key], dtype=np.float32).reshape(-1, DIM)
 
 
-def _embedding(reply: Any, i: int, batch: bool) -> Embedding:
-    if isinstance(reply, np.ndarray):
-        return Embedding(reply.reshape(-1, DIM)[i])
+def _embedding(reply: Any, i: int, batch: bool, model: str | None = None) -> Embedding:
+    if isinstance(reply, np.ndarray):  # a bare binary reply: the model is the one the handshake named
+        return Embedding(reply.reshape(-1, DIM)[i], model)
     vector = np.asarray(reply["embeddings"][i] if batch else reply["embedding"], dtype=np.float32)
 
     def pick(key: str) -> Any:

@@ -47,6 +47,11 @@ class ClapClient:
     def pending(self) -> int:
         return self._client.pending
 
+    @property
+    def model(self) -> str | None:
+        """The model the server named when this client connected (``X-Clap-Model``), or None before that."""
+        return self._client.model
+
     def connect(self) -> None:
         self._run(self._client.connect())
 
