@@ -23,7 +23,9 @@ judged on the median of the per-round ratios: drift on a shared host (the
 baseline alone ranged 6.6-8.0 sounds/s between runs) then hits both sides of
 each ratio alike.
 
-Writes results.json, results.md and results.png into --out.
+Writes results.json, results.md and results.png into --out. For the engine per CPU class (the default,
+``--engine auto``, against ``--engine torch`` and ``--engine openvino``, ratios in one run) use
+``benchmarks/engine_auto.py``; for a polite client beside a greedy one, ``benchmarks/fairness.py``.
 """
 
 from __future__ import annotations
