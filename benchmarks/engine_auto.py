@@ -22,32 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import websockets
-from latency import ROOT, Server, sound
+from latency import ROOT, Server, many_at_once, one_at_a_time, sound
 
 from clap_ws.cpu import describe
 
 SERVERS = {"default (auto)": [], "--engine torch": ["--engine", "torch"], "--engine openvino": ["--engine", "openvino"]}
 
 
-async def one_client(port: int, sounds: int, seed: int) -> list[float]:
-    """End-to-end ms per sound, one at a time, each sound different."""
-    out = []
-    async with websockets.connect(f"ws://127.0.0.1:{port}/clap?sample_rate=44100", max_size=None) as ws:
-        for i in range(sounds):
-            data = sound(2.0, 44100, seed * 1000 + i).tobytes()
-            started = time.perf_counter()
-            await ws.send(data)
-            reply = json.loads(await asyncio.wait_for(ws.recv(), 600))
-            assert reply["status"] == "OK", reply
-            out.append((time.perf_counter() - started) * 1000)
-    return out
-
-
-async def clients(port: int, count: int, sounds: int, seed: int) -> float:
-    """Sounds per second of ``count`` clients at once."""
-    started = time.perf_counter()
-    await asyncio.gather(*(one_client(port, sounds, seed * 100 + c) for c in range(count)))
-    return count * sounds / (time.perf_counter() - started)
+def different(sounds: int, seed: int) -> list[bytes]:
+    """``sounds`` different 2-s sounds at 44.1 kHz (the audio cache is off, but no sound repeats anyway)."""
+    return [sound(2.0, 44100, seed * 1000 + i).tobytes() for i in range(sounds)]
 
 
 async def info(port: int) -> dict:
@@ -73,8 +57,9 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for name in list(servers) if r % 2 == 0 else list(servers)[::-1]:
                 port = servers[name].port
-                rows[name]["one"] += asyncio.run(one_client(port, args.sounds, r))
-                rows[name]["many"].append(asyncio.run(clients(port, args.clients, args.client_sounds, r)))
+                rows[name]["one"] += asyncio.run(one_at_a_time(port, different(args.sounds, r)))
+                rows[name]["many"].append(asyncio.run(many_at_once(
+                    port, [different(args.client_sounds, r * 100 + c) for c in range(args.clients)])))
             print(f"round {r + 1}: " + ", ".join(f"{n} {np.median(v['one']):.1f} ms / {v['many'][-1]:.1f}/s"
                                                 for n, v in rows.items()), flush=True)
     finally:

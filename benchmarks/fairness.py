@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import websockets
-from latency import ROOT, Server
+from latency import ROOT, Server, many_at_once, one_at_a_time
 
 from clap_ws.cpu import describe
 
@@ -49,22 +49,12 @@ async def greedy(port: int, in_flight: int, stop: asyncio.Event) -> list[float]:
 
 
 async def polite(port: int, sounds: int) -> list[float]:
-    waits = []
-    async with websockets.connect(f"ws://127.0.0.1:{port}/clap?sample_rate=44100", max_size=None) as ws:
-        for _ in range(sounds):
-            started = time.perf_counter()
-            await ws.send(SOUND)
-            reply = json.loads(await asyncio.wait_for(ws.recv(), 600))
-            assert reply["status"] == "OK", reply
-            waits.append((time.perf_counter() - started) * 1000)
-    return waits
+    return await one_at_a_time(port, [SOUND] * sounds)
 
 
 async def throughput(port: int, clients: int, sounds: int) -> float:
     """Sounds per second of ``clients`` polite clients at once (what fair batching must not cost)."""
-    started = time.perf_counter()
-    await asyncio.gather(*(polite(port, sounds) for _ in range(clients)))
-    return clients * sounds / (time.perf_counter() - started)
+    return await many_at_once(port, [[SOUND] * sounds for _ in range(clients)])
 
 
 async def round_for(port: int, sounds: int, in_flight: int) -> tuple[list[float], list[float], float, float]:

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,26 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
+
+async def one_at_a_time(port: int, sounds: Iterable[bytes], rate: int = 44100) -> list[float]:
+    """End-to-end ms of each of ``sounds`` (float32 bytes at ``rate``), sent one at a time on one connection,
+    each after the previous reply: a client that never queues."""
+    waits = []
+    async with websockets.connect(f"ws://127.0.0.1:{port}/clap?sample_rate={rate}", max_size=None) as ws:
+        for data in sounds:
+            started = time.perf_counter()
+            await ws.send(data)
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 600))
+            assert reply["status"] == "OK", reply
+            waits.append((time.perf_counter() - started) * 1000)
+    return waits
+
+
+async def many_at_once(port: int, clients: list[list[bytes]]) -> float:
+    """Sounds per second of one :func:`one_at_a_time` client per list in ``clients``, all at once."""
+    started = time.perf_counter()
+    await asyncio.gather(*(one_at_a_time(port, sounds) for sounds in clients))
+    return sum(map(len, clients)) / (time.perf_counter() - started)
 
 # ---- load ----------------------------------------------------------------------------
 @dataclass
